@@ -20,14 +20,8 @@ impl OpenId {
         let value = value.into();
         let ok = !value.is_empty()
             && value.len() <= 128
-            && value
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-        if ok {
-            Ok(Self(value))
-        } else {
-            Err(InvalidOpenId)
-        }
+            && value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if ok { Ok(Self(value)) } else { Err(InvalidOpenId) }
     }
 
     /// The full openid, for request bodies and storage.
@@ -76,10 +70,7 @@ mod tests {
         let id = OpenId::new("oUpF8uMuAJO_M2pxb1Q9zNjWeS6o").unwrap();
         assert_eq!(format!("{id:?}"), "OpenId(oUpF***)");
         assert_eq!(id.to_string(), "oUpF***");
-        assert_eq!(
-            serde_json::to_string(&id).unwrap(),
-            "\"oUpF8uMuAJO_M2pxb1Q9zNjWeS6o\""
-        );
+        assert_eq!(serde_json::to_string(&id).unwrap(), "\"oUpF8uMuAJO_M2pxb1Q9zNjWeS6o\"");
         assert!(OpenId::new("").is_err());
         assert!(OpenId::new("a b").is_err());
         assert!(serde_json::from_str::<OpenId>("\"x y\"").is_err());

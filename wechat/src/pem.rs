@@ -22,31 +22,17 @@ pub enum PemError {
 pub fn decode(text: &str, label: &str) -> Result<Vec<u8>, PemError> {
     let begin = format!("-----BEGIN {label}-----");
     let end = format!("-----END {label}-----");
-    let start = text
-        .find(&begin)
-        .ok_or_else(|| PemError::MissingBegin(label.to_owned()))?
-        + begin.len();
-    let stop = text[start..]
-        .find(&end)
-        .ok_or_else(|| PemError::MissingEnd(label.to_owned()))?
-        + start;
-    let body: String = text[start..stop]
-        .chars()
-        .filter(|c| !c.is_ascii_whitespace())
-        .collect();
-    STANDARD
-        .decode(body)
-        .map_err(|_| PemError::BadBase64(label.to_owned()))
+    let start = text.find(&begin).ok_or_else(|| PemError::MissingBegin(label.to_owned()))? + begin.len();
+    let stop = text[start..].find(&end).ok_or_else(|| PemError::MissingEnd(label.to_owned()))? + start;
+    let body: String = text[start..stop].chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    STANDARD.decode(body).map_err(|_| PemError::BadBase64(label.to_owned()))
 }
 
 /// Which of `labels` labels the first block found in `text`, if any.
 pub fn first_label<'a>(text: &str, labels: &[&'a str]) -> Option<&'a str> {
     labels
         .iter()
-        .filter_map(|l| {
-            text.find(&format!("-----BEGIN {l}-----"))
-                .map(|at| (at, *l))
-        })
+        .filter_map(|l| text.find(&format!("-----BEGIN {l}-----")).map(|at| (at, *l)))
         .min_by_key(|(at, _)| *at)
         .map(|(_, l)| l)
 }
@@ -74,21 +60,9 @@ mod tests {
         let pem = encode(&der, "PUBLIC KEY");
         assert!(pem.lines().all(|l| l.len() <= 64));
         assert_eq!(decode(&pem, "PUBLIC KEY").unwrap(), der);
-        assert_eq!(
-            decode(&pem, "PRIVATE KEY"),
-            Err(PemError::MissingBegin("PRIVATE KEY".into()))
-        );
-        assert_eq!(
-            decode("-----BEGIN X-----\n!!\n-----END X-----", "X"),
-            Err(PemError::BadBase64("X".into()))
-        );
-        assert_eq!(
-            decode("-----BEGIN X-----\nAAAA\n", "X"),
-            Err(PemError::MissingEnd("X".into()))
-        );
-        assert_eq!(
-            first_label(&pem, &["PRIVATE KEY", "PUBLIC KEY"]),
-            Some("PUBLIC KEY")
-        );
+        assert_eq!(decode(&pem, "PRIVATE KEY"), Err(PemError::MissingBegin("PRIVATE KEY".into())));
+        assert_eq!(decode("-----BEGIN X-----\n!!\n-----END X-----", "X"), Err(PemError::BadBase64("X".into())));
+        assert_eq!(decode("-----BEGIN X-----\nAAAA\n", "X"), Err(PemError::MissingEnd("X".into())));
+        assert_eq!(first_label(&pem, &["PRIVATE KEY", "PUBLIC KEY"]), Some("PUBLIC KEY"));
     }
 }

@@ -1,9 +1,8 @@
 //! Known answers from OpenSSL and Python `cryptography` (see tests/fixtures/README.md).
 
 use wechat::{
-    AuthorizationHeader, RsaSigner, RsaVerifierKey, SignatureHeaders, TradeState, Transaction,
-    Verifier, VerifyError, decrypt_resource, encrypt_resource, pay_sign_message, request_message,
-    response_message,
+    AuthorizationHeader, RsaSigner, RsaVerifierKey, SignatureHeaders, TradeState, Transaction, Verifier, VerifyError,
+    decrypt_resource, encrypt_resource, pay_sign_message, request_message, response_message,
 };
 
 const MERCHANT_KEY: &str = include_str!("fixtures/test_merchant_key.pem");
@@ -40,11 +39,7 @@ fn request_signature_matches_openssl() {
     let public = RsaVerifierKey::from_spki_pem(MERCHANT_PUB).unwrap();
     public.verify(&msg, &s(&v, "request_signature")).unwrap();
     // Our public key export is the same SPKI OpenSSL wrote.
-    assert_eq!(
-        signer.public_key_spki_pem().trim(),
-        MERCHANT_PUB.trim(),
-        "SPKI PEM differs from openssl pkey -pubout"
-    );
+    assert_eq!(signer.public_key_spki_pem().trim(), MERCHANT_PUB.trim(), "SPKI PEM differs from openssl pkey -pubout");
 }
 
 #[test]
@@ -80,13 +75,8 @@ fn authorization_header_signed_by_us_verifies_with_openssl_key() {
     let parsed = AuthorizationHeader::parse(&header.to_string()).unwrap();
     assert_eq!(parsed, header);
     let public = RsaVerifierKey::from_spki_pem(MERCHANT_PUB).unwrap();
-    parsed
-        .verify(&public, "POST", "/v3/pay/transactions/jsapi", body)
-        .unwrap();
-    assert_eq!(
-        parsed.verify(&public, "POST", "/v3/pay/transactions/jsapi?x=1", body),
-        Err(VerifyError::BadSignature)
-    );
+    parsed.verify(&public, "POST", "/v3/pay/transactions/jsapi", body).unwrap();
+    assert_eq!(parsed.verify(&public, "POST", "/v3/pay/transactions/jsapi?x=1", body), Err(VerifyError::BadSignature));
 }
 
 fn response_headers(v: &serde_json::Value, serial: &str) -> SignatureHeaders {
@@ -107,34 +97,20 @@ fn openssl_response_signature_verifies_in_both_key_modes() {
         format!("1700000000\n{}\n{body}\n", s(&v, "response_nonce")).into_bytes()
     );
     let verifier = Verifier::new();
-    verifier.add_key(
-        "PUB_KEY_ID_0112345678202411270000000000000000",
-        RsaVerifierKey::from_spki_pem(PLATFORM_PUB).unwrap(),
-    );
+    verifier
+        .add_key("PUB_KEY_ID_0112345678202411270000000000000000", RsaVerifierKey::from_spki_pem(PLATFORM_PUB).unwrap());
     let serial = s(&v, "certificate_serial");
-    verifier.add_key(
-        serial.clone(),
-        RsaVerifierKey::from_certificate_pem(PLATFORM_CERT).unwrap(),
-    );
+    verifier.add_key(serial.clone(), RsaVerifierKey::from_certificate_pem(PLATFORM_CERT).unwrap());
     let now = 1_700_000_100;
-    for id in [
-        "PUB_KEY_ID_0112345678202411270000000000000000",
-        serial.as_str(),
-    ] {
-        verifier
-            .verify(&response_headers(&v, id), body.as_bytes(), now)
-            .unwrap();
+    for id in ["PUB_KEY_ID_0112345678202411270000000000000000", serial.as_str()] {
+        verifier.verify(&response_headers(&v, id), body.as_bytes(), now).unwrap();
     }
     assert_eq!(
         verifier.verify(&response_headers(&v, "PUB_KEY_ID_1"), body.as_bytes(), now),
         Err(VerifyError::UnknownSerial("PUB_KEY_ID_1".into()))
     );
     assert_eq!(
-        verifier.verify(
-            &response_headers(&v, &serial),
-            format!("{body} ").as_bytes(),
-            now
-        ),
+        verifier.verify(&response_headers(&v, &serial), format!("{body} ").as_bytes(), now),
         Err(VerifyError::BadSignature)
     );
 }
@@ -149,14 +125,8 @@ fn stale_timestamps_are_refused_both_ways() {
     let ts = 1_700_000_000;
     verifier.verify(&h, body.as_bytes(), ts + 299).unwrap();
     verifier.verify(&h, body.as_bytes(), ts - 299).unwrap();
-    assert_eq!(
-        verifier.verify(&h, body.as_bytes(), ts + 300),
-        Err(VerifyError::Stale { skew_secs: 300 })
-    );
-    assert_eq!(
-        verifier.verify(&h, body.as_bytes(), ts - 301),
-        Err(VerifyError::Stale { skew_secs: -301 })
-    );
+    assert_eq!(verifier.verify(&h, body.as_bytes(), ts + 300), Err(VerifyError::Stale { skew_secs: 300 }));
+    assert_eq!(verifier.verify(&h, body.as_bytes(), ts - 301), Err(VerifyError::Stale { skew_secs: -301 }));
 }
 
 #[test]
@@ -166,24 +136,15 @@ fn signtest_probe_is_refused_cleanly() {
     verifier.add_key("K", RsaVerifierKey::from_spki_pem(PLATFORM_PUB).unwrap());
     let mut h = response_headers(&v, "K");
     h.signature = "WECHATPAY/SIGNTEST/1a2b3c".into();
-    assert_eq!(
-        verifier.verify(&h, b"{}", 1_700_000_000),
-        Err(VerifyError::Probe)
-    );
+    assert_eq!(verifier.verify(&h, b"{}", 1_700_000_000), Err(VerifyError::Probe));
     // Also with an unknown serial and a stale timestamp: still a probe, never a crash.
     h.serial = "nope".into();
     h.timestamp = "1".into();
-    assert_eq!(
-        verifier.verify(&h, b"{}", 1_700_000_000),
-        Err(VerifyError::Probe)
-    );
+    assert_eq!(verifier.verify(&h, b"{}", 1_700_000_000), Err(VerifyError::Probe));
     // Garbage that is not base64 is malformed, not a panic.
     let mut h = response_headers(&v, "K");
     h.signature = "@@not base64@@".into();
-    assert!(matches!(
-        verifier.verify(&h, b"{}", 1_700_000_000),
-        Err(VerifyError::Malformed(_))
-    ));
+    assert!(matches!(verifier.verify(&h, b"{}", 1_700_000_000), Err(VerifyError::Malformed(_))));
 }
 
 #[test]
@@ -196,16 +157,10 @@ fn signature_headers_from_http_headers() {
     let h = SignatureHeaders::from_headers(&map).unwrap();
     assert_eq!(h.serial, "PUB_KEY_ID_1");
     map.insert("Wechatpay-Signature-Type", "OTHER".parse().unwrap());
-    assert!(matches!(
-        SignatureHeaders::from_headers(&map),
-        Err(VerifyError::Malformed(_))
-    ));
+    assert!(matches!(SignatureHeaders::from_headers(&map), Err(VerifyError::Malformed(_))));
     map.remove("Wechatpay-Signature-Type");
     map.remove("Wechatpay-Serial");
-    assert_eq!(
-        SignatureHeaders::from_headers(&map),
-        Err(VerifyError::Malformed("missing Wechatpay-Serial".into()))
-    );
+    assert_eq!(SignatureHeaders::from_headers(&map), Err(VerifyError::Malformed("missing Wechatpay-Serial".into())));
 }
 
 #[test]
@@ -222,19 +177,10 @@ fn aes_gcm_matches_python_cryptography() {
     assert_eq!(plain, s(&v, "transaction_plaintext").as_bytes());
     let t: Transaction = serde_json::from_slice(&plain).unwrap();
     assert_eq!(t.trade_state, TradeState::Success);
-    assert_eq!(
-        t.payer.unwrap().openid.expose(),
-        "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o"
-    );
+    assert_eq!(t.payer.unwrap().openid.expose(), "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o");
     // Same key, nonce and AAD give the same ciphertext: GCM is deterministic.
     assert_eq!(
-        encrypt_resource(
-            &key,
-            &s(&v, "transaction_nonce"),
-            &s(&v, "transaction_aad"),
-            &plain
-        )
-        .unwrap(),
+        encrypt_resource(&key, &s(&v, "transaction_nonce"), &s(&v, "transaction_aad"), &plain).unwrap(),
         s(&v, "transaction_ciphertext")
     );
 }
@@ -242,25 +188,14 @@ fn aes_gcm_matches_python_cryptography() {
 #[test]
 fn encrypted_certificate_decrypts_to_a_usable_key() {
     let v = kat();
-    let pem = decrypt_resource(
-        &apiv3_key(&v),
-        &s(&v, "certificate_nonce"),
-        "certificate",
-        &s(&v, "certificate_ciphertext"),
-    )
-    .unwrap();
+    let pem =
+        decrypt_resource(&apiv3_key(&v), &s(&v, "certificate_nonce"), "certificate", &s(&v, "certificate_ciphertext"))
+            .unwrap();
     let pem = String::from_utf8(pem).unwrap();
     let der = wechat::pem::decode(&pem, "CERTIFICATE").unwrap();
-    assert_eq!(
-        wechat::pay::cert::serial_hex(&der).unwrap(),
-        s(&v, "certificate_serial")
-    );
+    assert_eq!(wechat::pay::cert::serial_hex(&der).unwrap(), s(&v, "certificate_serial"));
     let key = RsaVerifierKey::from_certificate_der(&der).unwrap();
-    let msg = response_message(
-        1_700_000_000,
-        &s(&v, "response_nonce"),
-        s(&v, "response_body").as_bytes(),
-    );
+    let msg = response_message(1_700_000_000, &s(&v, "response_nonce"), s(&v, "response_body").as_bytes());
     key.verify(&msg, &s(&v, "response_signature")).unwrap();
 }
 
@@ -270,9 +205,6 @@ fn generated_keys_round_trip_through_pem() {
     let again = RsaSigner::from_pkcs8_pem(&signer.to_pkcs8_pem()).unwrap();
     let public = RsaVerifierKey::from_spki_pem(&signer.public_key_spki_pem()).unwrap();
     public.verify(b"hello", &again.sign(b"hello")).unwrap();
-    assert_eq!(
-        public.verify(b"hellO", &again.sign(b"hello")),
-        Err(VerifyError::BadSignature)
-    );
+    assert_eq!(public.verify(b"hellO", &again.sign(b"hello")), Err(VerifyError::BadSignature));
     assert!(!format!("{signer:?}").contains("BEGIN"));
 }

@@ -4,15 +4,12 @@ use std::sync::OnceLock;
 
 use proptest::prelude::*;
 use wechat::{
-    AuthorizationHeader, RsaSigner, SignatureHeaders, Verifier, decrypt_resource, encrypt_resource,
-    response_message,
+    AuthorizationHeader, RsaSigner, SignatureHeaders, Verifier, decrypt_resource, encrypt_resource, response_message,
 };
 
 fn signer() -> &'static RsaSigner {
     static KEY: OnceLock<RsaSigner> = OnceLock::new();
-    KEY.get_or_init(|| {
-        RsaSigner::from_pkcs8_pem(include_str!("fixtures/test_platform_key.pem")).unwrap()
-    })
+    KEY.get_or_init(|| RsaSigner::from_pkcs8_pem(include_str!("fixtures/test_platform_key.pem")).unwrap())
 }
 
 fn verifier() -> &'static Verifier {

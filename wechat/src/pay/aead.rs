@@ -27,10 +27,7 @@ pub enum CryptoError {
 pub const ALGORITHM: &str = "AEAD_AES_256_GCM";
 
 fn key_and_nonce(apiv3_key: &[u8; 32], nonce: &str) -> Result<(LessSafeKey, Nonce), CryptoError> {
-    let nonce: [u8; NONCE_LEN] = nonce
-        .as_bytes()
-        .try_into()
-        .map_err(|_| CryptoError::BadNonce(nonce.len()))?;
+    let nonce: [u8; NONCE_LEN] = nonce.as_bytes().try_into().map_err(|_| CryptoError::BadNonce(nonce.len()))?;
     // A 32-byte key is exactly what AES-256 takes, so this cannot fail.
     let key = UnboundKey::new(&AES_256_GCM, apiv3_key).map_err(|_| CryptoError::Encrypt)?;
     Ok((LessSafeKey::new(key), Nonce::assume_unique_for_key(nonce)))
@@ -59,9 +56,7 @@ pub fn decrypt_resource(
     ciphertext_b64: &str,
 ) -> Result<Vec<u8>, CryptoError> {
     let (key, nonce) = key_and_nonce(apiv3_key, nonce)?;
-    let mut buf = STANDARD
-        .decode(ciphertext_b64.trim())
-        .map_err(|_| CryptoError::BadBase64)?;
+    let mut buf = STANDARD.decode(ciphertext_b64.trim()).map_err(|_| CryptoError::BadBase64)?;
     if buf.len() < AES_256_GCM.tag_len() {
         return Err(CryptoError::TooShort);
     }
@@ -81,25 +76,10 @@ mod tests {
     fn round_trip_and_refusals() {
         let key = [7u8; 32];
         let ct = encrypt_resource(&key, "abcdefghijkl", "transaction", b"{}").unwrap();
-        assert_eq!(
-            decrypt_resource(&key, "abcdefghijkl", "transaction", &ct).unwrap(),
-            b"{}"
-        );
-        assert_eq!(
-            decrypt_resource(&key, "abcdefghijkl", "refund", &ct),
-            Err(CryptoError::Decrypt)
-        );
-        assert_eq!(
-            decrypt_resource(&key, "short", "", &ct),
-            Err(CryptoError::BadNonce(5))
-        );
-        assert_eq!(
-            decrypt_resource(&key, "abcdefghijkl", "", "%%"),
-            Err(CryptoError::BadBase64)
-        );
-        assert_eq!(
-            decrypt_resource(&key, "abcdefghijkl", "", "AAAA"),
-            Err(CryptoError::TooShort)
-        );
+        assert_eq!(decrypt_resource(&key, "abcdefghijkl", "transaction", &ct).unwrap(), b"{}");
+        assert_eq!(decrypt_resource(&key, "abcdefghijkl", "refund", &ct), Err(CryptoError::Decrypt));
+        assert_eq!(decrypt_resource(&key, "short", "", &ct), Err(CryptoError::BadNonce(5)));
+        assert_eq!(decrypt_resource(&key, "abcdefghijkl", "", "%%"), Err(CryptoError::BadBase64));
+        assert_eq!(decrypt_resource(&key, "abcdefghijkl", "", "AAAA"), Err(CryptoError::TooShort));
     }
 }

@@ -6,9 +6,7 @@ use std::fmt;
 
 use aws_lc_rs::encoding::{AsDer, Pkcs8V1Der, PublicKeyX509Der};
 use aws_lc_rs::rsa::{KeyPair, KeySize};
-use aws_lc_rs::signature::{
-    KeyPair as _, ParsedPublicKey, RSA_PKCS1_2048_8192_SHA256, RSA_PKCS1_SHA256,
-};
+use aws_lc_rs::signature::{KeyPair as _, ParsedPublicKey, RSA_PKCS1_2048_8192_SHA256, RSA_PKCS1_SHA256};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 
@@ -48,9 +46,7 @@ pub struct RsaSigner {
 impl fmt::Debug for RsaSigner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Never print key material, not even the public half: the type name says enough.
-        f.debug_struct("RsaSigner")
-            .field("bits", &(self.key.public_modulus_len() * 8))
-            .finish_non_exhaustive()
+        f.debug_struct("RsaSigner").field("bits", &(self.key.public_modulus_len() * 8)).finish_non_exhaustive()
     }
 }
 
@@ -75,10 +71,8 @@ impl RsaSigner {
 
     /// Reads the PEM file at `path`.
     pub fn from_pem_file(path: &std::path::Path) -> Result<Self, KeyError> {
-        let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| KeyError::Io { path: path.display().to_string(), source })?;
         Self::from_pkcs8_pem(&text)
     }
 
@@ -92,8 +86,8 @@ impl RsaSigner {
 
     /// A fresh RSA-2048 key, for the sandbox and tests.
     pub fn generate() -> Result<Self, KeyError> {
-        let key = KeyPair::generate(KeySize::Rsa2048)
-            .map_err(|_| KeyError::Rejected("RSA key generation failed".into()))?;
+        let key =
+            KeyPair::generate(KeySize::Rsa2048).map_err(|_| KeyError::Rejected("RSA key generation failed".into()))?;
         Ok(Self { key })
     }
 
@@ -108,23 +102,15 @@ impl RsaSigner {
         // aws-lc-rs ignores the rng for PKCS#1 v1.5 (deterministic padding); the call can only
         // fail for a wrongly sized buffer, which `public_modulus_len` rules out.
         self.key
-            .sign(
-                &RSA_PKCS1_SHA256,
-                &aws_lc_rs::rand::SystemRandom::new(),
-                msg,
-                &mut sig,
-            )
+            .sign(&RSA_PKCS1_SHA256, &aws_lc_rs::rand::SystemRandom::new(), msg, &mut sig)
             .expect("RSA signing with a validated key and a modulus-sized buffer");
         sig
     }
 
     /// The public half as DER SubjectPublicKeyInfo.
     pub fn public_key_spki_der(&self) -> Vec<u8> {
-        let der: PublicKeyX509Der<'static> = self
-            .key
-            .public_key()
-            .as_der()
-            .expect("DER encoding of a validated RSA public key");
+        let der: PublicKeyX509Der<'static> =
+            self.key.public_key().as_der().expect("DER encoding of a validated RSA public key");
         der.as_ref().to_vec()
     }
 
@@ -135,16 +121,12 @@ impl RsaSigner {
 
     /// The matching verifier key.
     pub fn verifier_key(&self) -> RsaVerifierKey {
-        RsaVerifierKey::from_spki_der(&self.public_key_spki_der())
-            .expect("a key's own public half parses")
+        RsaVerifierKey::from_spki_der(&self.public_key_spki_der()).expect("a key's own public half parses")
     }
 
     /// The private key as a PKCS#8 `PRIVATE KEY` PEM. Write it only to files with mode 0600.
     pub fn to_pkcs8_pem(&self) -> String {
-        let der: Pkcs8V1Der<'static> = self
-            .key
-            .as_der()
-            .expect("PKCS#8 encoding of a validated RSA key");
+        let der: Pkcs8V1Der<'static> = self.key.as_der().expect("PKCS#8 encoding of a validated RSA key");
         pem::encode(der.as_ref(), "PRIVATE KEY")
     }
 }
@@ -175,20 +157,15 @@ impl RsaVerifierKey {
 
     /// From DER SubjectPublicKeyInfo (or PKCS#1 RSAPublicKey: aws-lc-rs takes both).
     pub fn from_spki_der(der: &[u8]) -> Result<Self, KeyError> {
-        let key = ParsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA256, der)
-            .map_err(|e| KeyError::Rejected(e.to_string()))?;
-        Ok(Self {
-            key,
-            spki_der: der.to_vec(),
-        })
+        let key =
+            ParsedPublicKey::new(&RSA_PKCS1_2048_8192_SHA256, der).map_err(|e| KeyError::Rejected(e.to_string()))?;
+        Ok(Self { key, spki_der: der.to_vec() })
     }
 
     /// Reads the PEM file at `path`.
     pub fn from_pem_file(path: &std::path::Path) -> Result<Self, KeyError> {
-        let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| KeyError::Io { path: path.display().to_string(), source })?;
         Self::from_spki_pem(&text)
     }
 
@@ -199,8 +176,7 @@ impl RsaVerifierKey {
 
     /// From a DER X.509 certificate: its subject public key.
     pub fn from_certificate_der(der: &[u8]) -> Result<Self, KeyError> {
-        let spki = crate::pay::cert::subject_public_key_info(der)
-            .map_err(|e| KeyError::Certificate(e.to_string()))?;
+        let spki = crate::pay::cert::subject_public_key_info(der).map_err(|e| KeyError::Certificate(e.to_string()))?;
         Self::from_spki_der(spki)
     }
 
@@ -211,16 +187,13 @@ impl RsaVerifierKey {
 
     /// Checks a base64 PKCS#1 v1.5 SHA-256 signature over `msg`.
     pub fn verify(&self, msg: &[u8], signature_b64: &str) -> Result<(), VerifyError> {
-        let sig = STANDARD
-            .decode(signature_b64)
-            .map_err(|_| VerifyError::Malformed("signature is not base64".into()))?;
+        let sig =
+            STANDARD.decode(signature_b64).map_err(|_| VerifyError::Malformed("signature is not base64".into()))?;
         self.verify_raw(msg, &sig)
     }
 
     /// Checks raw signature bytes over `msg`.
     pub fn verify_raw(&self, msg: &[u8], signature: &[u8]) -> Result<(), VerifyError> {
-        self.key
-            .verify_sig(msg, signature)
-            .map_err(|_| VerifyError::BadSignature)
+        self.key.verify_sig(msg, signature).map_err(|_| VerifyError::BadSignature)
     }
 }

@@ -10,24 +10,10 @@ pub const AUTH_SCHEME: &str = "WECHATPAY2-SHA256-RSA2048";
 
 /// The bytes a merchant signs: `METHOD\nURL\nTIMESTAMP\nNONCE\nBODY\n`, where URL is the path
 /// and query exactly as sent. A GET has an empty body, so its message ends in `\n\n`.
-pub fn request_message(
-    method: &str,
-    path_and_query: &str,
-    timestamp: i64,
-    nonce: &str,
-    body: &[u8],
-) -> Vec<u8> {
+pub fn request_message(method: &str, path_and_query: &str, timestamp: i64, nonce: &str, body: &[u8]) -> Vec<u8> {
     let ts = timestamp.to_string();
-    let mut msg = Vec::with_capacity(
-        method.len() + path_and_query.len() + ts.len() + nonce.len() + body.len() + 5,
-    );
-    for part in [
-        method.as_bytes(),
-        path_and_query.as_bytes(),
-        ts.as_bytes(),
-        nonce.as_bytes(),
-        body,
-    ] {
+    let mut msg = Vec::with_capacity(method.len() + path_and_query.len() + ts.len() + nonce.len() + body.len() + 5);
+    for part in [method.as_bytes(), path_and_query.as_bytes(), ts.as_bytes(), nonce.as_bytes(), body] {
         msg.extend_from_slice(part);
         msg.push(b'\n');
     }
@@ -147,23 +133,14 @@ impl AuthorizationHeader {
         path_and_query: &str,
         body: &[u8],
     ) -> Result<(), VerifyError> {
-        let msg = request_message(
-            method,
-            path_and_query,
-            self.timestamp,
-            &self.nonce_str,
-            body,
-        );
+        let msg = request_message(method, path_and_query, self.timestamp, &self.nonce_str, body);
         key.verify(&msg, &self.signature)
     }
 
     /// Parses a header value. Fields may come in any order, separated by commas with optional
     /// spaces; values are double-quoted; unknown fields are ignored, repeated ones refused.
     pub fn parse(value: &str) -> Result<Self, AuthError> {
-        let rest = value
-            .trim()
-            .strip_prefix(AUTH_SCHEME)
-            .ok_or(AuthError::WrongScheme)?;
+        let rest = value.trim().strip_prefix(AUTH_SCHEME).ok_or(AuthError::WrongScheme)?;
         if !rest.starts_with([' ', '\t']) {
             return Err(AuthError::WrongScheme);
         }
@@ -171,9 +148,8 @@ impl AuthorizationHeader {
         let mut fields: [Option<&str>; 5] = [None; 5];
         const NAMES: [&str; 5] = ["mchid", "nonce_str", "timestamp", "serial_no", "signature"];
         while !rest.is_empty() {
-            let (name, after) = rest
-                .split_once('=')
-                .ok_or_else(|| AuthError::Malformed("expected name=\"value\"".into()))?;
+            let (name, after) =
+                rest.split_once('=').ok_or_else(|| AuthError::Malformed("expected name=\"value\"".into()))?;
             let name = name.trim();
             let after = after
                 .trim_start()
@@ -233,23 +209,14 @@ mod tests {
     fn nonce_is_32_upper_alnum() {
         let a = nonce_str();
         assert_eq!(a.len(), 32);
-        assert!(
-            a.bytes()
-                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
-        );
+        assert!(a.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit()));
         assert_ne!(a, nonce_str());
     }
 
     #[test]
     fn header_parse_rejects_garbage() {
-        assert_eq!(
-            AuthorizationHeader::parse("Bearer x"),
-            Err(AuthError::WrongScheme)
-        );
-        assert_eq!(
-            AuthorizationHeader::parse("WECHATPAY2-SHA256-RSA2048X mchid=\"1\""),
-            Err(AuthError::WrongScheme)
-        );
+        assert_eq!(AuthorizationHeader::parse("Bearer x"), Err(AuthError::WrongScheme));
+        assert_eq!(AuthorizationHeader::parse("WECHATPAY2-SHA256-RSA2048X mchid=\"1\""), Err(AuthError::WrongScheme));
         assert_eq!(
             AuthorizationHeader::parse("WECHATPAY2-SHA256-RSA2048 mchid=\"1\""),
             Err(AuthError::MissingField("timestamp"))

@@ -80,12 +80,7 @@ impl EncryptedResource {
         if self.algorithm != ALGORITHM {
             return Err(CryptoError::Algorithm(self.algorithm.clone()));
         }
-        decrypt_resource(
-            apiv3_key,
-            &self.nonce,
-            &self.associated_data,
-            &self.ciphertext,
-        )
+        decrypt_resource(apiv3_key, &self.nonce, &self.associated_data, &self.ciphertext)
     }
 }
 
@@ -379,10 +374,7 @@ mod tests {
 
     #[test]
     fn trade_state_and_event_type_wire_names() {
-        assert_eq!(
-            serde_json::to_string(&TradeState::Userpaying).unwrap(),
-            "\"USERPAYING\""
-        );
+        assert_eq!(serde_json::to_string(&TradeState::Userpaying).unwrap(), "\"USERPAYING\"");
         for s in [
             TradeState::Success,
             TradeState::Refund,
@@ -393,10 +385,7 @@ mod tests {
             TradeState::Payerror,
             TradeState::Accept,
         ] {
-            assert_eq!(
-                serde_json::to_string(&s).unwrap(),
-                format!("\"{}\"", s.as_str())
-            );
+            assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{}\"", s.as_str()));
         }
         let e: EventType = serde_json::from_str("\"REFUND.CLOSED\"").unwrap();
         assert_eq!(e, EventType::RefundClosed);
@@ -423,14 +412,7 @@ mod tests {
             pay_sign: "s".into(),
         };
         let v = serde_json::to_value(&p).unwrap();
-        for k in [
-            "appId",
-            "timeStamp",
-            "nonceStr",
-            "package",
-            "signType",
-            "paySign",
-        ] {
+        for k in ["appId", "timeStamp", "nonceStr", "package", "signType", "paySign"] {
             assert!(v.get(k).is_some(), "{k}");
         }
     }

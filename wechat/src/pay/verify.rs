@@ -48,9 +48,7 @@ impl SignatureHeaders {
     /// refused (its absence is fine: older callbacks do not send it).
     pub fn from_headers(headers: &http::HeaderMap) -> Result<Self, VerifyError> {
         let get = |name: &str| -> Result<String, VerifyError> {
-            let value = headers
-                .get(name)
-                .ok_or_else(|| VerifyError::Malformed(format!("missing {name}")))?;
+            let value = headers.get(name).ok_or_else(|| VerifyError::Malformed(format!("missing {name}")))?;
             value
                 .to_str()
                 .map(|s| s.trim().to_owned())
@@ -59,10 +57,7 @@ impl SignatureHeaders {
         if headers.contains_key(Self::SIGNATURE_TYPE) {
             let kind = get(Self::SIGNATURE_TYPE)?;
             if kind != AUTH_SCHEME {
-                return Err(VerifyError::Malformed(format!(
-                    "unsupported {}: {kind}",
-                    Self::SIGNATURE_TYPE
-                )));
+                return Err(VerifyError::Malformed(format!("unsupported {}: {kind}", Self::SIGNATURE_TYPE)));
             }
         }
         Ok(Self {
@@ -90,9 +85,7 @@ pub struct Verifier {
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Verifier")
-            .field("serials", &self.serials())
-            .finish()
+        f.debug_struct("Verifier").field("serials", &self.serials()).finish()
     }
 }
 
@@ -124,12 +117,7 @@ impl Verifier {
 
     /// Checks a response or callback: probe, timestamp window, key by serial, then the
     /// signature over `TIMESTAMP\nNONCE\nBODY\n` with the raw body bytes.
-    pub fn verify(
-        &self,
-        headers: &SignatureHeaders,
-        body: &[u8],
-        now_unix: i64,
-    ) -> Result<(), VerifyError> {
+    pub fn verify(&self, headers: &SignatureHeaders, body: &[u8], now_unix: i64) -> Result<(), VerifyError> {
         // A probe is answered as a failure before anything else so that it can never pass,
         // whatever the rest of the headers say.
         if headers.is_probe() {
@@ -137,25 +125,16 @@ impl Verifier {
         }
         let ts = &headers.timestamp;
         if ts.is_empty() || ts.len() > 12 || !ts.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(VerifyError::Malformed(
-                "Wechatpay-Timestamp is not a unix time in seconds".into(),
-            ));
+            return Err(VerifyError::Malformed("Wechatpay-Timestamp is not a unix time in seconds".into()));
         }
-        let ts_num: i64 = ts
-            .parse()
-            .map_err(|_| VerifyError::Malformed("Wechatpay-Timestamp out of range".into()))?;
+        let ts_num: i64 = ts.parse().map_err(|_| VerifyError::Malformed("Wechatpay-Timestamp out of range".into()))?;
         let skew = now_unix.saturating_sub(ts_num);
         if skew.saturating_abs() >= MAX_SKEW_SECS {
             return Err(VerifyError::Stale { skew_secs: skew });
         }
         let guard = self.read();
-        let key = guard
-            .get(&headers.serial)
-            .ok_or_else(|| VerifyError::UnknownSerial(headers.serial.clone()))?;
-        key.verify(
-            &response_message_raw(ts, &headers.nonce, body),
-            &headers.signature,
-        )
+        let key = guard.get(&headers.serial).ok_or_else(|| VerifyError::UnknownSerial(headers.serial.clone()))?;
+        key.verify(&response_message_raw(ts, &headers.nonce, body), &headers.signature)
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, RsaVerifierKey>> {
