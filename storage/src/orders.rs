@@ -1,0 +1,188 @@
+//! `homestay_order`: creation, reads scoped to their owner, and conditional state changes.
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel_async::RunQueryDsl;
+
+use crate::db::{Conn, Result};
+use crate::domain::{DomainError, Fen, HomestayId, OrderId, OrderSn, TradeState, Transition, UserId};
+use crate::schema::homestay_order as o;
+
+/// A stored order.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = o, check_for_backend(diesel::pg::Pg))]
+pub struct OrderRow {
+    pub id: i64,
+    pub create_time: DateTime<Utc>,
+    pub update_time: DateTime<Utc>,
+    pub sn: String,
+    pub user_id: i64,
+    pub homestay_id: i64,
+    pub title: String,
+    pub sub_title: String,
+    pub cover: String,
+    pub info: String,
+    pub people_num: i32,
+    pub row_type: i16,
+    pub need_food: bool,
+    pub food_info: String,
+    pub food_price: i64,
+    pub homestay_price: i64,
+    pub market_homestay_price: i64,
+    pub homestay_business_id: i64,
+    pub homestay_user_id: i64,
+    pub live_start_date: DateTime<Utc>,
+    pub live_end_date: DateTime<Utc>,
+    pub live_people_num: i32,
+    pub trade_state: i16,
+    pub trade_code: String,
+    pub remark: String,
+    pub order_total_price: i64,
+    pub food_total_price: i64,
+    pub homestay_total_price: i64,
+    pub pay_deadline: DateTime<Utc>,
+}
+
+impl OrderRow {
+    pub fn id(&self) -> OrderId {
+        OrderId(self.id)
+    }
+    pub fn sn(&self) -> OrderSn {
+        OrderSn::parse(&self.sn).expect("the database checks the serial format")
+    }
+    pub fn state(&self) -> TradeState {
+        TradeState::from_code(self.trade_state).expect("the database checks the state range")
+    }
+    pub fn total(&self) -> Fen {
+        Fen::new(self.order_total_price).expect("the database checks the amount")
+    }
+}
+
+/// What it takes to create an order; prices are copied from the homestay at booking time.
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = o)]
+pub struct NewOrder {
+    pub sn: String,
+    pub user_id: i64,
+    pub homestay_id: i64,
+    pub title: String,
+    pub sub_title: String,
+    pub cover: String,
+    pub info: String,
+    pub people_num: i32,
+    pub row_type: i16,
+    pub need_food: bool,
+    pub food_info: String,
+    pub food_price: i64,
+    pub homestay_price: i64,
+    pub market_homestay_price: i64,
+    pub homestay_business_id: i64,
+    pub homestay_user_id: i64,
+    pub live_start_date: DateTime<Utc>,
+    pub live_end_date: DateTime<Utc>,
+    pub live_people_num: i32,
+    pub trade_code: String,
+    pub remark: String,
+    pub order_total_price: i64,
+    pub food_total_price: i64,
+    pub homestay_total_price: i64,
+    pub pay_deadline: DateTime<Utc>,
+}
+
+pub async fn insert(conn: &mut Conn, new: &NewOrder) -> Result<OrderRow> {
+    Ok(diesel::insert_into(o::table).values(new).returning(OrderRow::as_returning()).get_result(conn).await?)
+}
+
+pub async fn find_by_sn(conn: &mut Conn, sn: &OrderSn) -> Result<Option<OrderRow>> {
+    Ok(o::table.filter(o::sn.eq(sn.as_str())).select(OrderRow::as_select()).first(conn).await.optional()?)
+}
+
+/// The order, only if it belongs to `user`: callers can never read someone else's order by guessing a serial.
+pub async fn find_for_user(conn: &mut Conn, user: UserId, sn: &OrderSn) -> Result<Option<OrderRow>> {
+    Ok(o::table
+        .filter(o::sn.eq(sn.as_str()))
+        .filter(o::user_id.eq(user.0))
+        .select(OrderRow::as_select())
+        .first(conn)
+        .await
+        .optional()?)
+}
+
+/// Locks the order row for the rest of the transaction (serialises writers of one order).
+pub async fn lock_by_sn(conn: &mut Conn, sn: &OrderSn) -> Result<Option<OrderRow>> {
+    Ok(o::table
+        .filter(o::sn.eq(sn.as_str()))
+        .select(OrderRow::as_select())
+        .for_update()
+        .first(conn)
+        .await
+        .optional()?)
+}
+
+/// A user's orders, newest first. `before` is the last id of the previous page (cursor paging: stable while new
+/// orders arrive, and an index range scan on `(user_id, id desc)`).
+pub async fn list_for_user(
+    conn: &mut Conn,
+    user: UserId,
+    state: Option<TradeState>,
+    before: Option<OrderId>,
+    limit: i64,
+) -> Result<Vec<OrderRow>> {
+    let mut q = o::table.filter(o::user_id.eq(user.0)).into_boxed();
+    if let Some(s) = state {
+        q = q.filter(o::trade_state.eq(s.code()));
+    }
+    if let Some(b) = before {
+        q = q.filter(o::id.lt(b.0));
+    }
+    Ok(q.order(o::id.desc()).limit(limit).select(OrderRow::as_select()).load(conn).await?)
+}
+
+/// Unpaid orders whose deadline has passed, oldest deadline first (served by the partial deadline index).
+pub async fn unpaid_past_deadline(conn: &mut Conn, now: DateTime<Utc>, limit: i64) -> Result<Vec<OrderRow>> {
+    Ok(o::table
+        .filter(o::trade_state.eq(TradeState::WaitPay.code()))
+        .filter(o::pay_deadline.le(now))
+        .order(o::pay_deadline.asc())
+        .limit(limit)
+        .select(OrderRow::as_select())
+        .load(conn)
+        .await?)
+}
+
+/// Moves an order from `from` to `to`, only if it is in `from` now. Checks the arrow first, so a refused
+/// transition never reaches the database. When the row is not in `from`: already in `to` is a replay
+/// ([`Transition::Unchanged`]); anything else is refused with the state it is really in.
+pub async fn transition(conn: &mut Conn, sn: &OrderSn, from: TradeState, to: TradeState) -> Result<Transition> {
+    if from.transition(to)? == Transition::Unchanged {
+        return Ok(Transition::Unchanged);
+    }
+    let changed = diesel::update(o::table)
+        .filter(o::sn.eq(sn.as_str()))
+        .filter(o::trade_state.eq(from.code()))
+        .set(o::trade_state.eq(to.code()))
+        .execute(conn)
+        .await?;
+    if changed == 1 {
+        return Ok(Transition::Changed);
+    }
+    let current: Option<i16> =
+        o::table.filter(o::sn.eq(sn.as_str())).select(o::trade_state).first(conn).await.optional()?;
+    match current {
+        None => Err(diesel::result::Error::NotFound.into()),
+        Some(code) => {
+            let current = TradeState::from_code(code)?;
+            // Each target state has exactly one state it may be reached from, so a miss means the row is elsewhere.
+            if current == to {
+                Ok(Transition::Unchanged)
+            } else {
+                Err(DomainError::Refused { kind: "order", from: format!("{current:?}"), to: format!("{to:?}") }.into())
+            }
+        }
+    }
+}
+
+/// The homestay an order was for (kept for completeness of the model).
+pub fn homestay_of(row: &OrderRow) -> HomestayId {
+    HomestayId(row.homestay_id)
+}

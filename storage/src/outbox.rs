@@ -1,0 +1,100 @@
+//! The transactional outbox table. Rows are written in the caller's transaction (so an event exists if and only if
+//! the state change it announces committed) and removed by a relay after JetStream acknowledged them.
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Bytea, Double, Jsonb, Text, Timestamptz, Uuid as SqlUuid};
+use diesel_async::RunQueryDsl;
+use uuid::Uuid;
+
+use crate::db::{Conn, Result};
+use crate::schema::outbox as ob;
+
+/// The channel the insert trigger notifies; relays LISTEN on it.
+pub const NOTIFY_CHANNEL: &str = "paystream_outbox";
+
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = ob)]
+pub struct NewOutboxRow {
+    pub event_id: Uuid,
+    /// Events with the same aggregate (e.g. `payment:PMT…`) are published in the order they were written.
+    pub aggregate: String,
+    /// Logical subject, without the deployment prefix (`payment.status`).
+    pub subject: String,
+    /// NATS headers to publish with (trace context of the writing transaction, event type, …).
+    pub headers: serde_json::Value,
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug, Clone, QueryableByName)]
+pub struct OutboxRow {
+    #[diesel(sql_type = BigInt)]
+    pub id: i64,
+    #[diesel(sql_type = SqlUuid)]
+    pub event_id: Uuid,
+    #[diesel(sql_type = Text)]
+    pub aggregate: String,
+    #[diesel(sql_type = Text)]
+    pub subject: String,
+    #[diesel(sql_type = Jsonb)]
+    pub headers: serde_json::Value,
+    #[diesel(sql_type = Bytea)]
+    pub payload: Vec<u8>,
+    #[diesel(sql_type = Timestamptz)]
+    pub create_time: DateTime<Utc>,
+}
+
+/// Writes an event row in the caller's transaction. The `AFTER INSERT` trigger NOTIFYs the relays on commit.
+pub async fn insert(conn: &mut Conn, row: &NewOutboxRow) -> Result<()> {
+    diesel::insert_into(ob::table).values(row).execute(conn).await?;
+    Ok(())
+}
+
+/// Claims a batch for publishing; must run inside a transaction that then deletes what it published.
+///
+/// Several relays may claim at once without breaking per-aggregate order: a relay locks the *head* (oldest row) of
+/// up to `aggregates` aggregates with `FOR UPDATE SKIP LOCKED` and takes rows only of aggregates whose head it holds.
+/// Another relay skips a locked head, and the rows behind it are not heads, so no two relays ever publish rows of
+/// the same aggregate at the same time. Rows come back in id order: for one aggregate, that is commit order,
+/// because writers of one aggregate hold its row lock while they write (see the processors).
+pub async fn claim_batch(conn: &mut Conn, aggregates: i64, rows: i64) -> Result<Vec<OutboxRow>> {
+    Ok(diesel::sql_query(
+        "WITH heads AS ( \
+             SELECT DISTINCT ON (aggregate) id FROM outbox ORDER BY aggregate, id \
+         ), mine AS ( \
+             SELECT o.aggregate FROM outbox o JOIN heads h ON h.id = o.id \
+             ORDER BY o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED \
+         ) \
+         SELECT id, event_id, aggregate, subject, headers, payload, create_time FROM outbox \
+         WHERE aggregate IN (SELECT aggregate FROM mine) ORDER BY id LIMIT $2",
+    )
+    .bind::<BigInt, _>(aggregates)
+    .bind::<BigInt, _>(rows)
+    .load(conn)
+    .await?)
+}
+
+/// Deletes published rows (in the claiming transaction).
+pub async fn delete(conn: &mut Conn, ids: &[i64]) -> Result<usize> {
+    Ok(diesel::delete(ob::table.filter(ob::id.eq_any(ids))).execute(conn).await?)
+}
+
+/// How far behind the relays are.
+#[derive(Debug, Clone, Copy, PartialEq, QueryableByName)]
+pub struct OutboxStats {
+    #[diesel(sql_type = BigInt)]
+    pub depth: i64,
+    /// Age of the oldest unpublished row, 0 when empty.
+    #[diesel(sql_type = Double)]
+    pub oldest_age_seconds: f64,
+}
+
+pub async fn stats(conn: &mut Conn) -> Result<OutboxStats> {
+    Ok(diesel::sql_query(
+        "SELECT count(*)::int8 AS depth, \
+                coalesce(extract(epoch FROM clock_timestamp() - min(create_time)), 0)::float8 AS oldest_age_seconds \
+         FROM outbox",
+    )
+    .get_result(conn)
+    .await?)
+}

@@ -1,0 +1,196 @@
+//! `third_payment`: one open payment per order, conditional state changes.
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel_async::RunQueryDsl;
+
+use crate::db::{Conn, Result};
+use crate::domain::{DomainError, Fen, OrderSn, PayStatus, PaymentSn, Transition, UserId};
+use crate::schema::third_payment as p;
+
+/// A stored payment.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = p, check_for_backend(diesel::pg::Pg))]
+pub struct PaymentRow {
+    pub id: i64,
+    pub create_time: DateTime<Utc>,
+    pub update_time: DateTime<Utc>,
+    pub sn: String,
+    pub user_id: i64,
+    pub pay_mode: String,
+    pub trade_type: String,
+    pub trade_state: String,
+    pub pay_total: i64,
+    pub transaction_id: Option<String>,
+    pub trade_state_desc: String,
+    pub order_sn: String,
+    pub service_type: String,
+    pub pay_status: i16,
+    pub pay_time: Option<DateTime<Utc>>,
+    pub prepay_id: Option<String>,
+    pub prepay_time: Option<DateTime<Utc>>,
+}
+
+impl PaymentRow {
+    pub fn sn(&self) -> PaymentSn {
+        PaymentSn::parse(&self.sn).expect("the database checks the serial format")
+    }
+    pub fn order_sn(&self) -> OrderSn {
+        OrderSn::parse(&self.order_sn).expect("orders are referenced by a valid serial")
+    }
+    pub fn status(&self) -> PayStatus {
+        PayStatus::from_code(self.pay_status).expect("the database checks the status range")
+    }
+    pub fn total(&self) -> Fen {
+        Fen::new(self.pay_total).expect("the database checks the amount")
+    }
+}
+
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = p)]
+pub struct NewPayment {
+    pub sn: String,
+    pub user_id: i64,
+    pub pay_total: i64,
+    pub order_sn: String,
+    pub service_type: String,
+}
+
+impl NewPayment {
+    pub fn homestay_order(sn: &PaymentSn, user: UserId, total: Fen, order: &OrderSn) -> Self {
+        Self {
+            sn: sn.to_string(),
+            user_id: user.0,
+            pay_total: total.get(),
+            order_sn: order.to_string(),
+            service_type: "homestayOrder".into(),
+        }
+    }
+}
+
+/// Inserts a waiting payment. A second open payment for the same order fails with the
+/// `third_payment_one_open_per_order` conflict; callers reuse the open one instead.
+pub async fn insert(conn: &mut Conn, new: &NewPayment) -> Result<PaymentRow> {
+    Ok(diesel::insert_into(p::table).values(new).returning(PaymentRow::as_returning()).get_result(conn).await?)
+}
+
+pub async fn find_by_sn(conn: &mut Conn, sn: &PaymentSn) -> Result<Option<PaymentRow>> {
+    Ok(p::table.filter(p::sn.eq(sn.as_str())).select(PaymentRow::as_select()).first(conn).await.optional()?)
+}
+
+pub async fn lock_by_sn(conn: &mut Conn, sn: &PaymentSn) -> Result<Option<PaymentRow>> {
+    Ok(p::table
+        .filter(p::sn.eq(sn.as_str()))
+        .select(PaymentRow::as_select())
+        .for_update()
+        .first(conn)
+        .await
+        .optional()?)
+}
+
+/// The order's open (waiting) payment, if any.
+pub async fn find_open_for_order(conn: &mut Conn, order: &OrderSn) -> Result<Option<PaymentRow>> {
+    Ok(p::table
+        .filter(p::order_sn.eq(order.as_str()))
+        .filter(p::pay_status.eq(PayStatus::Waiting.code()))
+        .select(PaymentRow::as_select())
+        .first(conn)
+        .await
+        .optional()?)
+}
+
+/// Every payment of an order, newest first.
+pub async fn list_for_order(conn: &mut Conn, order: &OrderSn) -> Result<Vec<PaymentRow>> {
+    Ok(p::table
+        .filter(p::order_sn.eq(order.as_str()))
+        .order(p::id.desc())
+        .select(PaymentRow::as_select())
+        .load(conn)
+        .await?)
+}
+
+/// Remembers the prepay id WeChat gave for this payment (valid two hours), so a retried prepay can reuse it.
+pub async fn record_prepay(conn: &mut Conn, sn: &PaymentSn, prepay_id: &str, at: DateTime<Utc>) -> Result<bool> {
+    let n = diesel::update(p::table)
+        .filter(p::sn.eq(sn.as_str()))
+        .filter(p::pay_status.eq(PayStatus::Waiting.code()))
+        .set((p::prepay_id.eq(prepay_id), p::prepay_time.eq(at)))
+        .execute(conn)
+        .await?;
+    Ok(n == 1)
+}
+
+/// What WeChat told us about a successful payment.
+#[derive(Debug, Clone)]
+pub struct PaidDetails {
+    pub transaction_id: String,
+    pub trade_type: String,
+    /// WeChat's raw trade_state (`SUCCESS`).
+    pub trade_state: String,
+    pub trade_state_desc: String,
+    /// WeChat's `success_time`.
+    pub pay_time: DateTime<Utc>,
+}
+
+/// waiting → paid, with WeChat's details, only if the payment is still waiting. A replay of the same success is
+/// [`Transition::Unchanged`]; a payment in any other state is refused.
+pub async fn mark_paid(conn: &mut Conn, sn: &PaymentSn, paid: &PaidDetails) -> Result<Transition> {
+    let n = diesel::update(p::table)
+        .filter(p::sn.eq(sn.as_str()))
+        .filter(p::pay_status.eq(PayStatus::Waiting.code()))
+        .set((
+            p::pay_status.eq(PayStatus::Paid.code()),
+            p::transaction_id.eq(&paid.transaction_id),
+            p::trade_type.eq(&paid.trade_type),
+            p::trade_state.eq(&paid.trade_state),
+            p::trade_state_desc.eq(&paid.trade_state_desc),
+            p::pay_time.eq(paid.pay_time),
+        ))
+        .execute(conn)
+        .await?;
+    if n == 1 {
+        return Ok(Transition::Changed);
+    }
+    settle_miss(conn, sn, PayStatus::Paid).await
+}
+
+/// Moves a payment between statuses without extra fields (close, refund), only from `from`.
+pub async fn transition(
+    conn: &mut Conn,
+    sn: &PaymentSn,
+    from: PayStatus,
+    to: PayStatus,
+    raw_state: &str,
+) -> Result<Transition> {
+    if from.transition(to)? == Transition::Unchanged {
+        return Ok(Transition::Unchanged);
+    }
+    let n = diesel::update(p::table)
+        .filter(p::sn.eq(sn.as_str()))
+        .filter(p::pay_status.eq(from.code()))
+        .set((p::pay_status.eq(to.code()), p::trade_state.eq(raw_state)))
+        .execute(conn)
+        .await?;
+    if n == 1 {
+        return Ok(Transition::Changed);
+    }
+    settle_miss(conn, sn, to).await
+}
+
+async fn settle_miss(conn: &mut Conn, sn: &PaymentSn, to: PayStatus) -> Result<Transition> {
+    let current: Option<i16> =
+        p::table.filter(p::sn.eq(sn.as_str())).select(p::pay_status).first(conn).await.optional()?;
+    match current {
+        None => Err(diesel::result::Error::NotFound.into()),
+        Some(code) => {
+            let current = PayStatus::from_code(code)?;
+            // Each target state has exactly one state it may be reached from, so a miss means the row is elsewhere.
+            if current == to {
+                Ok(Transition::Unchanged)
+            } else {
+                Err(DomainError::Refused { kind: "payment", from: format!("{current:?}"), to: format!("{to:?}") }
+                    .into())
+            }
+        }
+    }
+}

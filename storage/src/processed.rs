@@ -1,0 +1,27 @@
+//! `processed_event`: the consumer inbox. JetStream drops a repeated `Nats-Msg-Id` only within its duplicate
+//! window; WeChat retries a callback for 24 hours. Claiming the key here, in the same transaction as the side
+//! effect, makes a replay at any later time a no-op.
+
+use diesel::prelude::*;
+use diesel_async::RunQueryDsl;
+
+use crate::db::{Conn, Result};
+use crate::schema::processed_event as pe;
+
+/// Records that `consumer` handled `key`. Returns `false` if it already had (the caller skips its side effect but
+/// still acknowledges the message).
+pub async fn claim(conn: &mut Conn, consumer: &str, key: &str) -> Result<bool> {
+    let n = diesel::insert_into(pe::table)
+        .values((pe::consumer.eq(consumer), pe::key.eq(key)))
+        .on_conflict_do_nothing()
+        .execute(conn)
+        .await?;
+    Ok(n == 1)
+}
+
+/// Whether `consumer` has handled `key`.
+pub async fn seen(conn: &mut Conn, consumer: &str, key: &str) -> Result<bool> {
+    Ok(diesel::select(diesel::dsl::exists(pe::table.filter(pe::consumer.eq(consumer)).filter(pe::key.eq(key))))
+        .get_result(conn)
+        .await?)
+}

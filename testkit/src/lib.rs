@@ -1,0 +1,164 @@
+//! Helpers for tests that talk to real infrastructure.
+//!
+//! The infrastructure comes from `scripts/infra.sh up` (run by `make test`): `DATABASE_URL` (an admin URL of a
+//! PostgreSQL on which every test creates a database of its own), `NATS_URL` (a nats-server 2.12+ with JetStream)
+//! and `NATS_SERVER_BIN` (for tests that need a server of their own to stop and restart). Each variable is taken
+//! from the environment, else from `.run/infra.env` at the workspace root.
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("testkit lives in the workspace").to_path_buf()
+}
+
+/// A setting from the environment or `.run/infra.env`; panics with the fix when neither has it.
+pub fn setting(name: &str) -> String {
+    if let Ok(v) = std::env::var(name) {
+        return v;
+    }
+    let file = workspace_root().join(".run/infra.env");
+    if let Ok(text) = std::fs::read_to_string(&file) {
+        for line in text.lines() {
+            if let Some(v) = line.strip_prefix(name).and_then(|r| r.strip_prefix('=')) {
+                return v.to_owned();
+            }
+        }
+    }
+    panic!(
+        "{name} is not set and {} does not name it: run `scripts/infra.sh up` (or `make test`) first",
+        file.display()
+    )
+}
+
+/// A short random identifier for names of test resources.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// A database of its own for one test, dropped (forcefully) when the value is dropped.
+pub struct TestDb {
+    pub url: String,
+    admin_url: String,
+    name: String,
+}
+
+impl TestDb {
+    /// Creates an empty database; the test runs the migrations it needs (`storage::migrate(&db.url)`).
+    pub async fn create() -> TestDb {
+        let admin_url = setting("DATABASE_URL");
+        let name = unique("ps_test_");
+        let mut conn = AsyncPgConnection::establish(&admin_url)
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to DATABASE_URL (is Postgres up? scripts/infra.sh up): {e}"));
+        diesel::sql_query(format!("CREATE DATABASE {name}")).execute(&mut conn).await.expect("create test database");
+        let url = match admin_url.rfind('/') {
+            Some(i) if !admin_url[..i].ends_with('/') => format!("{}/{name}", &admin_url[..i]),
+            _ => format!("{}/{name}", admin_url.trim_end_matches('/')),
+        };
+        TestDb { url, admin_url, name }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let (admin, name) = (self.admin_url.clone(), self.name.clone());
+        // Drop runs inside the test's runtime, which cannot be blocked on; a thread with its own runtime can.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            rt.block_on(async {
+                let mut conn = AsyncPgConnection::establish(&admin).await.ok()?;
+                diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut conn).await.ok()
+            })
+        })
+        .join();
+    }
+}
+
+/// The shared test NATS server's URL.
+pub fn nats_url() -> String {
+    setting("NATS_URL")
+}
+
+pub async fn nats() -> async_nats::Client {
+    async_nats::connect(nats_url()).await.expect("connect to NATS_URL (scripts/infra.sh up)")
+}
+
+/// Waits until `check` returns `Some`, polling every 20 ms, and panics with `what` after `timeout`.
+/// Tests wait on conditions, never on the clock.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
+}
+
+/// A nats-server of the test's own, for tests that stop and restart the broker. Killed on drop.
+pub struct NatsServer {
+    pub port: u16,
+    store: PathBuf,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    pub async fn start() -> NatsServer {
+        let store = std::env::temp_dir().join(unique("paystream-nats-"));
+        let mut server = NatsServer { port: free_port(), store, child: None };
+        server.restart().await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server again on the same port and store (JetStream data survives a stop).
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let child = Command::new(setting("NATS_SERVER_BIN"))
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .arg(&self.store)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn NATS_SERVER_BIN");
+        self.child = Some(child);
+        let port = self.port;
+        eventually(Duration::from_secs(10), "private nats-server to accept connections", || async move {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
+        })
+        .await;
+    }
+
+    /// Kills the server (SIGKILL: no lame-duck, like a crash).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.store);
+    }
+}
