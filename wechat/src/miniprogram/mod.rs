@@ -169,6 +169,13 @@ pub struct MiniSettings {
 /// Refresh this long before WeChat's expiry, so no request carries a token about to lapse.
 pub const TOKEN_REFRESH_MARGIN: Duration = Duration::from_secs(300);
 
+/// How long a token with WeChat's `expires_in` is used before refreshing: up to
+/// `TOKEN_REFRESH_MARGIN` before expiry, but at least half its life (a sandbox with scaled
+/// time hands out short-lived tokens).
+pub fn usable_lifetime(lifetime: Duration) -> Duration {
+    lifetime.checked_sub(TOKEN_REFRESH_MARGIN).filter(|d| *d >= lifetime / 2).unwrap_or(lifetime / 2)
+}
+
 struct CachedToken {
     token: SecretString,
     refresh_at: Instant,
@@ -340,8 +347,7 @@ impl MiniProgramClient {
         let token =
             a.access_token.filter(|t| !t.is_empty()).ok_or_else(|| MiniError::Decode("no access_token".into()))?;
         let lifetime = Duration::from_secs(a.expires_in.unwrap_or(7200));
-        // Short lifetimes (a sandbox with scaled time) refresh at half-life instead.
-        let usable = lifetime.checked_sub(TOKEN_REFRESH_MARGIN).filter(|d| *d >= lifetime / 2).unwrap_or(lifetime / 2);
+        let usable = usable_lifetime(lifetime);
         let token = SecretString::from(token);
         state.current = Some(CachedToken { token: token.clone(), refresh_at: Instant::now() + usable });
         state.force_refresh = false;
@@ -391,5 +397,28 @@ impl MiniProgramClient {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_refreshed_five_minutes_early_or_at_half_life() {
+        assert_eq!(usable_lifetime(Duration::from_secs(7200)), Duration::from_secs(6900));
+        assert_eq!(usable_lifetime(Duration::from_secs(600)), Duration::from_secs(300));
+        assert_eq!(usable_lifetime(Duration::from_secs(60)), Duration::from_secs(30));
+        assert_eq!(usable_lifetime(Duration::ZERO), Duration::ZERO);
+    }
+
+    #[test]
+    fn errcodes_round_trip_and_classify() {
+        for code in [-1, 40001, 42001, 40003, 40037, 43101, 47003, 41030, 45009, 45011, 40029, 40226, 12345] {
+            assert_eq!(Errcode::from_code(code).code(), code);
+        }
+        assert_eq!(Errcode::from_code(42001).class(), ErrorClass::Token);
+        assert_eq!(Errcode::from_code(45009).class(), ErrorClass::Retryable);
+        assert_eq!(Errcode::from_code(47003).class(), ErrorClass::Permanent);
     }
 }
