@@ -33,5 +33,5 @@ pub use pay::types::{
     RefundNoticeAmount, RefundRequest, RefundRequestAmount, RefundStatus, TradeState, Transaction, TransactionAmount,
     WechatErrorBody, pay_sign_message,
 };
-pub use pay::verify::{MAX_SKEW_SECS, PROBE_PREFIX, SignatureHeaders, Verifier, VerifyError};
+pub use pay::verify::{MAX_SKEW_SECS, PROBE_PREFIX, SignatureHeaders, Verifier, VerifyError, check_timestamp};
 pub use sms::{SendStatus, SmsClient, SmsError, Tc3Authorization, tc3_authorization, tc3_signature};

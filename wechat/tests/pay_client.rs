@@ -304,15 +304,7 @@ async fn query_close_and_refunds() {
 
 #[tokio::test]
 async fn certificates_are_downloaded_decrypted_and_used() {
-    let ct = encrypt_resource(APIV3_KEY, "4de73afd28b6", "certificate", PLATFORM_CERT.as_bytes()).unwrap();
-    let list = serde_json::json!({"data": [{
-        "serial_no": CERT_SERIAL,
-        "effective_time": "2026-01-01T00:00:00+08:00",
-        "expire_time": "2031-01-01T00:00:00+08:00",
-        "encrypt_certificate": {"algorithm": "AEAD_AES_256_GCM", "nonce": "4de73afd28b6",
-                                "associated_data": "certificate", "ciphertext": ct}
-    }]})
-    .to_string();
+    let list = certificate_list("2031-01-01T00:00:00+08:00");
     let (_fake, url) = spawn(vec![
         Answer { serial: Some(CERT_SERIAL), ..ok(&list) },
         Answer { serial: Some(CERT_SERIAL), ..ok(r#"{"prepay_id":"p1"}"#) },
@@ -425,4 +417,40 @@ fn callbacks_are_verified_then_decrypted() {
         reader.read(&callback(&body, None, now), tampered.as_bytes(), now),
         Err(wechat::NotifyError::Verify(VerifyError::BadSignature))
     ));
+}
+
+fn certificate_list(expire_time: &str) -> String {
+    let ct = encrypt_resource(APIV3_KEY, "4de73afd28b6", "certificate", PLATFORM_CERT.as_bytes()).unwrap();
+    serde_json::json!({"data": [{
+        "serial_no": CERT_SERIAL,
+        "effective_time": "2026-01-01T00:00:00+08:00",
+        "expire_time": expire_time,
+        "encrypt_certificate": {"algorithm": "AEAD_AES_256_GCM", "nonce": "4de73afd28b6",
+                                "associated_data": "certificate", "ciphertext": ct}
+    }]})
+    .to_string()
+}
+
+#[tokio::test]
+async fn an_unknown_certificate_serial_triggers_one_download() {
+    let (fake, url) = spawn(vec![
+        Answer { serial: Some(CERT_SERIAL), ..ok(r#"{"prepay_id":"p2"}"#) },
+        Answer { serial: Some(CERT_SERIAL), ..ok(&certificate_list("2099-01-01T00:00:00+08:00")) },
+    ])
+    .await;
+    let c = client(&url, false);
+    let req = c.new_prepay_request("d", "ORDER_123456", 1, openid());
+    assert_eq!(c.prepay_jsapi(&req).await.unwrap().prepay_id, "p2");
+    assert_eq!(fake.seen.lock().unwrap()[1].1, "/v3/certificates");
+    assert_eq!(c.verifier().serials(), [CERT_SERIAL]);
+}
+
+#[tokio::test]
+async fn expired_certificates_are_not_trusted() {
+    let (_fake, url) =
+        spawn(vec![Answer { serial: Some(CERT_SERIAL), ..ok(&certificate_list("2020-01-01T00:00:00+08:00")) }]).await;
+    let c = client(&url, false);
+    let e = c.download_certificates().await.unwrap_err();
+    assert!(matches!(e, PayError::Verify(VerifyError::UnknownSerial(_))), "{e:?}");
+    assert!(c.verifier().serials().is_empty());
 }

@@ -315,7 +315,12 @@ impl PayClient {
             }
         }
         let mut added = Vec::new();
+        let now = chrono::Utc::now();
         for cert in &list.data {
+            // An expired certificate can no longer sign anything we should accept.
+            if chrono::DateTime::parse_from_rfc3339(&cert.expire_time).is_ok_and(|t| t < now) {
+                continue;
+            }
             let pem = cert.encrypt_certificate.decrypt(self.inner.apiv3_key.expose_secret())?;
             let pem = String::from_utf8(pem).map_err(|_| PayError::Decode("certificate is not UTF-8 PEM".into()))?;
             let key = RsaVerifierKey::from_spki_pem(&pem).map_err(|e| PayError::Decode(e.to_string()))?;
@@ -352,7 +357,18 @@ impl PayClient {
         if !(200..300).contains(&raw.status) {
             return Err(raw.into_api_error(&self.inner.verifier));
         }
-        self.inner.verifier.verify(&raw.signature?, &raw.body, now_unix())?;
+        let signature = raw.signature?;
+        match self.inner.verifier.verify(&signature, &raw.body, now_unix()) {
+            // A platform-certificate serial we do not hold yet: WeChat rotated its certificate
+            // (or this is the first call in certificate mode). Fetch the list once and retry
+            // the check on the same answer. Public-key ids are configured, never downloaded.
+            Err(VerifyError::UnknownSerial(serial)) if !serial.starts_with("PUB_KEY_ID_") => {
+                tracing::info!(serial = %serial, "unknown platform certificate serial; downloading certificates");
+                self.download_certificates().await?;
+                self.inner.verifier.verify(&signature, &raw.body, now_unix())?;
+            }
+            other => other?,
+        }
         Ok(raw.body)
     }
 

@@ -28,6 +28,13 @@ pub enum VerifyError {
     Malformed(String),
 }
 
+/// Checks a unix timestamp against `now_unix` with WeChat's 5-minute window (the sandbox uses
+/// it for the merchant's `Authorization` timestamp).
+pub fn check_timestamp(timestamp: i64, now_unix: i64) -> Result<(), VerifyError> {
+    let skew = now_unix.saturating_sub(timestamp);
+    if skew.saturating_abs() >= MAX_SKEW_SECS { Err(VerifyError::Stale { skew_secs: skew }) } else { Ok(()) }
+}
+
 /// The four `Wechatpay-*` headers that carry a signature.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignatureHeaders {
@@ -128,10 +135,7 @@ impl Verifier {
             return Err(VerifyError::Malformed("Wechatpay-Timestamp is not a unix time in seconds".into()));
         }
         let ts_num: i64 = ts.parse().map_err(|_| VerifyError::Malformed("Wechatpay-Timestamp out of range".into()))?;
-        let skew = now_unix.saturating_sub(ts_num);
-        if skew.saturating_abs() >= MAX_SKEW_SECS {
-            return Err(VerifyError::Stale { skew_secs: skew });
-        }
+        check_timestamp(ts_num, now_unix)?;
         let guard = self.read();
         let key = guard.get(&headers.serial).ok_or_else(|| VerifyError::UnknownSerial(headers.serial.clone()))?;
         key.verify(&response_message_raw(ts, &headers.nonce, body), &headers.signature)
