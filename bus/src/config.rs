@@ -1,0 +1,202 @@
+//! The `[nats]`, `[consumer]` and `[outbox]` sections of `paystream.toml`.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// `[nats]`: where JetStream is and how streams are made.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    pub url: String,
+    /// First token of every subject and stream name; lets environments and tests share one server.
+    pub prefix: String,
+    /// Replicas per stream: 1 on one machine, 3 on a cluster.
+    pub stream_replicas: usize,
+    /// JetStream drops a repeated `Nats-Msg-Id` within this window.
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: Duration,
+    /// How long events are kept in their streams.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// How long dead letters are kept.
+    #[serde(with = "humantime_serde")]
+    pub dlq_max_age: Duration,
+    /// Timeout of JetStream API calls and PubAcks.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            url: "nats://127.0.0.1:4222".into(),
+            prefix: "paystream".into(),
+            stream_replicas: 1,
+            duplicate_window: Duration::from_secs(120),
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            dlq_max_age: Duration::from_secs(30 * 24 * 3600),
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl NatsConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        crate::Topology::new(&self.prefix).map_err(|e| e.to_string())?;
+        if !(self.url.starts_with("nats://") || self.url.starts_with("tls://")) {
+            return Err(format!("nats.url must start with nats:// or tls://, got {:?}", self.url));
+        }
+        if !matches!(self.stream_replicas, 1 | 3 | 5) {
+            return Err(format!("nats.stream_replicas must be 1, 3 or 5, got {}", self.stream_replicas));
+        }
+        if self.duplicate_window.is_zero() || self.duplicate_window > self.max_age {
+            return Err("nats.duplicate_window must be positive and no longer than nats.max_age".into());
+        }
+        Ok(())
+    }
+
+    pub fn topology(&self) -> crate::Topology {
+        crate::Topology::new(&self.prefix)
+            .expect("validated")
+            .with_replicas(self.stream_replicas)
+            .with_duplicate_window(self.duplicate_window)
+            .with_max_age(self.max_age, self.dlq_max_age)
+    }
+}
+
+/// `[consumer]`: delivery settings shared by every consumer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsumerConfig {
+    /// How long JetStream waits for an ack before redelivering. Must exceed `handler_timeout`, or a slow but
+    /// healthy handler would see its message delivered a second time while it still works on the first.
+    #[serde(with = "humantime_serde")]
+    pub ack_wait: Duration,
+    /// Deliveries before a message that keeps failing goes to the DLQ.
+    pub max_deliver: i64,
+    /// Delay before the n-th retry of a transient failure (the last entry repeats). Also given to JetStream as
+    /// the consumer's `backoff`, raised to at least `ack_wait`, for redeliveries after an ack timeout.
+    #[serde(deserialize_with = "durations")]
+    pub backoff: Vec<Duration>,
+    /// Messages handled at once per consumer and process.
+    pub concurrency: usize,
+    /// A handler taking longer is abandoned and its message retried.
+    #[serde(with = "humantime_serde")]
+    pub handler_timeout: Duration,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        ConsumerConfig {
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 10,
+            backoff: [1, 5, 30, 120, 300].into_iter().map(Duration::from_secs).collect(),
+            concurrency: 32,
+            handler_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ConsumerConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.handler_timeout >= self.ack_wait {
+            return Err(format!(
+                "consumer.ack_wait ({:?}) must be longer than consumer.handler_timeout ({:?})",
+                self.ack_wait, self.handler_timeout
+            ));
+        }
+        if self.max_deliver < 1 {
+            return Err("consumer.max_deliver must be at least 1".into());
+        }
+        if self.backoff.is_empty() {
+            return Err("consumer.backoff needs at least one delay".into());
+        }
+        if self.max_deliver <= self.backoff.len() as i64 {
+            return Err(format!(
+                "consumer.max_deliver ({}) must be greater than the number of consumer.backoff entries ({})",
+                self.max_deliver,
+                self.backoff.len()
+            ));
+        }
+        if self.concurrency == 0 {
+            return Err("consumer.concurrency must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The delay before retrying after the `delivered`-th delivery failed.
+    pub fn retry_delay(&self, delivered: i64) -> Duration {
+        let i = (delivered.max(1) - 1) as usize;
+        self.backoff[i.min(self.backoff.len() - 1)]
+    }
+}
+
+fn durations<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+    let v: Vec<humantime_serde::Serde<Duration>> = Vec::deserialize(d)?;
+    Ok(v.into_iter().map(|s| s.into_inner()).collect())
+}
+
+/// `[outbox]`: the relay.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxConfig {
+    /// Aggregates one relay claims per batch.
+    pub batch_aggregates: i64,
+    /// Rows one relay publishes per batch.
+    pub batch_rows: i64,
+    /// Relays are woken by NOTIFY; this is the fallback poll when a notification is missed.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig { batch_aggregates: 256, batch_rows: 1024, poll_interval: Duration::from_secs(1) }
+    }
+}
+
+impl OutboxConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.batch_aggregates < 1 || self.batch_rows < 1 {
+            return Err("outbox.batch_aggregates and outbox.batch_rows must be at least 1".into());
+        }
+        if self.poll_interval.is_zero() {
+            return Err("outbox.poll_interval must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        NatsConfig::default().validate().unwrap();
+        ConsumerConfig::default().validate().unwrap();
+        OutboxConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn ack_wait_must_outlast_the_handler() {
+        let c = ConsumerConfig { ack_wait: Duration::from_secs(5), ..Default::default() };
+        let e = c.validate().unwrap_err();
+        assert!(e.contains("consumer.ack_wait") && e.contains("consumer.handler_timeout"), "{e}");
+    }
+
+    #[test]
+    fn max_deliver_must_exceed_backoff_entries() {
+        let c = ConsumerConfig { max_deliver: 3, ..Default::default() };
+        assert!(c.validate().unwrap_err().contains("consumer.max_deliver"));
+    }
+
+    #[test]
+    fn retry_delays_grow_then_repeat_the_last() {
+        let c = ConsumerConfig::default();
+        assert_eq!(c.retry_delay(1), Duration::from_secs(1));
+        assert_eq!(c.retry_delay(2), Duration::from_secs(5));
+        assert_eq!(c.retry_delay(9), Duration::from_secs(300));
+    }
+}

@@ -1,0 +1,296 @@
+//! The consumer runner: durable pull consumers provisioned explicitly, bounded concurrency, ack after the handler's
+//! transaction committed, nak with growing delay on transient failure, dead-letter then `Term` on permanent
+//! failure, poison, or the last allowed delivery, and a graceful stop.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::{
+    HeaderMap,
+    jetstream::{
+        self, AckKind,
+        consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull},
+    },
+};
+use bytes::Bytes;
+use chrono::Utc;
+use futures::{FutureExt, StreamExt};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    BusError, ConsumerConfig, Publisher,
+    envelope::{Envelope, Event, headers},
+    metrics::{self, Outcome},
+};
+
+/// Why a handler could not finish.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandlerError {
+    /// Worth retrying later: database or network down, a timeout, WeChat's 5xx.
+    #[error("transient: {0}")]
+    Transient(String),
+    /// Retrying cannot help: unknown payment, amount mismatch, a refused transition. Goes to the DLQ.
+    #[error("permanent: {0}")]
+    Permanent(String),
+}
+
+impl From<storage::StorageError> for HandlerError {
+    fn from(e: storage::StorageError) -> Self {
+        if e.is_transient() { HandlerError::Transient(e.to_string()) } else { HandlerError::Permanent(e.to_string()) }
+    }
+}
+
+/// What a successful handler did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handled {
+    /// The side effect happened (and committed).
+    Done,
+    /// It had already happened (a replay); nothing changed. Still acknowledged.
+    Duplicate,
+}
+
+/// Delivery facts a handler may want.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub subject: String,
+    /// 1 on the first delivery.
+    pub delivered: i64,
+    pub stream_sequence: u64,
+    pub headers: HeaderMap,
+}
+
+/// The work a consumer does for one event. It must be idempotent: commit its side effect and the event's
+/// `processed_event` claim (or an equivalent conditional update) in one transaction.
+pub trait Handler: Send + Sync + 'static {
+    type Event: Event;
+    fn handle(
+        &self,
+        event: Envelope<Self::Event>,
+        delivery: &Delivery,
+    ) -> impl Future<Output = Result<Handled, HandlerError>> + Send;
+}
+
+/// A durable consumer's identity and settings.
+#[derive(Debug, Clone)]
+pub struct ConsumerSpec {
+    /// Durable name; also names its dead-letter subject `dlq.<name>` and its metrics.
+    pub name: String,
+    pub config: ConsumerConfig,
+}
+
+/// Runs one durable consumer.
+pub struct Consumer<H: Handler> {
+    publisher: Publisher,
+    spec: ConsumerSpec,
+    handler: Arc<H>,
+}
+
+impl<H: Handler> Consumer<H> {
+    pub fn new(publisher: Publisher, spec: ConsumerSpec, handler: H) -> Self {
+        Consumer { publisher, spec, handler: Arc::new(handler) }
+    }
+
+    /// Creates the durable consumer, or updates it to this configuration: settings are always re-applied at start,
+    /// never inherited from whatever the server kept.
+    pub async fn provision(&self) -> Result<PullConsumer, BusError> {
+        let topology = self.publisher.topology();
+        let cfg = &self.spec.config;
+        let stream_name = topology.stream_of(H::Event::SUBJECT);
+        let stream = self.publisher.jetstream().get_stream(&stream_name).await.map_err(|e| {
+            BusError::Nats(format!("stream {stream_name} is missing (streams are created at start): {e}"))
+        })?;
+        let consumer_cfg = pull::Config {
+            durable_name: Some(self.spec.name.clone()),
+            description: Some(format!("paystream {} consumer", self.spec.name)),
+            filter_subject: topology.subject(H::Event::SUBJECT),
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: cfg.ack_wait,
+            // One more than configured: when the last allowed attempt dies without an answer (a crash, a hang), the
+            // server still hands the message over once more and the runner dead-letters it instead of the message
+            // silently stopping in the stream.
+            max_deliver: cfg.max_deliver + 1,
+            // Redeliveries after an ack timeout follow the same growing delays, never sooner than ack_wait.
+            backoff: cfg.backoff.iter().map(|d| (*d).max(cfg.ack_wait)).collect(),
+            max_ack_pending: (cfg.concurrency * 4).max(64) as i64,
+            ..Default::default()
+        };
+        stream
+            .create_consumer(consumer_cfg)
+            .await
+            .map_err(|e| BusError::Nats(format!("cannot provision consumer {}: {e}", self.spec.name)))
+    }
+
+    /// Pulls and handles messages until `shutdown`. Then it stops pulling, lets in-flight handlers finish (each acks
+    /// or naks), naks what was pulled but not started, and flushes the connection. Nothing is lost: anything not
+    /// acknowledged is redelivered.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), BusError> {
+        let consumer = self.provision().await?;
+        metrics::register();
+        let concurrency = self.spec.config.concurrency;
+        let permits = Arc::new(Semaphore::new(concurrency));
+        let ctx = Arc::new(Ctx { publisher: self.publisher.clone(), spec: self.spec.clone(), handler: self.handler });
+        tracing::info!(consumer = %ctx.spec.name, concurrency, "consumer started");
+        let mut failures = 0u32;
+
+        'pulling: while !shutdown.is_cancelled() {
+            // Only pull what can start right away, so a message never waits in our buffer while its ack_wait runs.
+            let free = permits.available_permits();
+            let want = if free == 0 {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    p = permits.clone().acquire_owned() => { drop(p); continue; }
+                }
+            } else {
+                free
+            };
+            let batch = consumer.batch().max_messages(want).expires(Duration::from_secs(5)).messages().await;
+            let mut batch = match batch {
+                Ok(b) => {
+                    failures = 0;
+                    b
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(consumer = %ctx.spec.name, error = %e, "pull failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(100 * 2u64.pow(failures.min(6)))) => continue,
+                    }
+                }
+            };
+            loop {
+                let next = tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        // Hand back what already arrived, so it is redelivered now rather than after ack_wait.
+                        while let Some(Some(Ok(msg))) = batch.next().now_or_never() {
+                            let _ = msg.ack_with(AckKind::Nak(None)).await;
+                        }
+                        break 'pulling;
+                    }
+                    next = batch.next() => next,
+                };
+                let msg = match next {
+                    None => break,
+                    Some(Ok(msg)) => msg,
+                    Some(Err(e)) => {
+                        tracing::debug!(consumer = %ctx.spec.name, error = %e, "pull batch ended with an error");
+                        break;
+                    }
+                };
+                let permit = permits.clone().acquire_owned().await.expect("semaphore is never closed");
+                let ctx = ctx.clone();
+                tokio::spawn(async move {
+                    ctx.process(msg).await;
+                    drop(permit);
+                });
+            }
+        }
+
+        // Wait for in-flight handlers: each ends with an ack, nak or term.
+        let _all = permits.acquire_many(concurrency as u32).await.expect("semaphore is never closed");
+        let _ = ctx.publisher.jetstream().client().flush().await;
+        tracing::info!(consumer = %ctx.spec.name, "consumer stopped");
+        Ok(())
+    }
+}
+
+struct Ctx<H> {
+    publisher: Publisher,
+    spec: ConsumerSpec,
+    handler: Arc<H>,
+}
+
+impl<H: Handler> Ctx<H> {
+    async fn process(&self, msg: jetstream::Message) {
+        let name = self.spec.name.as_str();
+        let cfg = &self.spec.config;
+        let (delivered, stream, stream_sequence) = match msg.info() {
+            Ok(i) => (i.delivered, i.stream.to_owned(), i.stream_sequence),
+            Err(_) => (1, String::new(), 0),
+        };
+        let delivery = Delivery {
+            subject: msg.subject.to_string(),
+            delivered,
+            stream_sequence,
+            headers: msg.headers.clone().unwrap_or_default(),
+        };
+
+        if delivered > cfg.max_deliver {
+            let reason = format!("no answer after {} deliveries (handler crashed or hung each time)", cfg.max_deliver);
+            return self.dead_letter(&msg, &delivery, &stream, &reason).await;
+        }
+        let event = match Envelope::<H::Event>::decode(&msg.payload) {
+            Ok(e) => e,
+            Err(reason) => return self.dead_letter(&msg, &delivery, &stream, &format!("poison: {reason}")).await,
+        };
+        let lag = (Utc::now() - event.occurred_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
+        metrics::lag_seconds(name, lag);
+
+        let started = Instant::now();
+        let result = match tokio::time::timeout(cfg.handler_timeout, self.handler.handle(event, &delivery)).await {
+            Ok(r) => r,
+            Err(_) => Err(HandlerError::Transient(format!("handler timed out after {:?}", cfg.handler_timeout))),
+        };
+        metrics::handler_seconds(name, started.elapsed().as_secs_f64());
+
+        match result {
+            Ok(handled) => {
+                let _ = msg.ack().await;
+                metrics::consumed(name, if handled == Handled::Done { Outcome::Ack } else { Outcome::Duplicate });
+            }
+            Err(HandlerError::Permanent(reason)) => self.dead_letter(&msg, &delivery, &stream, &reason).await,
+            Err(HandlerError::Transient(reason)) if delivered >= cfg.max_deliver => {
+                let reason = format!("still failing after {delivered} deliveries: {reason}");
+                self.dead_letter(&msg, &delivery, &stream, &reason).await
+            }
+            Err(HandlerError::Transient(reason)) => {
+                let delay = cfg.retry_delay(delivered);
+                tracing::warn!(consumer = name, delivered, ?delay, %reason, "transient failure; redelivering later");
+                let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+                metrics::consumed(name, Outcome::Nak);
+            }
+        }
+    }
+
+    /// Publishes the message to `dlq.<consumer>` with the reason and the original headers, waits for the PubAck,
+    /// and only then terminates the original. If the DLQ publish fails the message is nak'ed instead: it comes back
+    /// and is dead-lettered later, never dropped.
+    async fn dead_letter(&self, msg: &jetstream::Message, delivery: &Delivery, stream: &str, reason: &str) {
+        let name = self.spec.name.as_str();
+        let mut h = delivery.headers.clone();
+        if let Some(original) = delivery.headers.get(headers::MSG_ID) {
+            h.insert(headers::DLQ_ORIGINAL_MSG_ID, original.as_str());
+        }
+        // One dead letter per stored message, even if the Term below is lost and the message comes back.
+        h.insert(headers::MSG_ID, format!("dlq:{name}:{stream}:{}", delivery.stream_sequence).as_str());
+        h.insert(headers::DLQ_REASON, truncate(reason, 1000).as_str());
+        h.insert(headers::DLQ_CONSUMER, name);
+        h.insert(headers::DLQ_SUBJECT, delivery.subject.as_str());
+        h.insert(headers::DLQ_STREAM, stream);
+        h.insert(headers::DLQ_STREAM_SEQ, delivery.stream_sequence.to_string().as_str());
+        h.insert(headers::DLQ_DELIVERIES, delivery.delivered.to_string().as_str());
+        h.insert(headers::DLQ_FAILED_AT, Utc::now().to_rfc3339().as_str());
+        let subject = self.publisher.topology().dlq_subject(name);
+        match self.publisher.publish_raw(&subject, h, Bytes::copy_from_slice(&msg.payload)).await {
+            Ok(_) => {
+                tracing::error!(consumer = name, stream_sequence = delivery.stream_sequence, %reason, "message dead-lettered");
+                let _ = msg.ack_with(AckKind::Term).await;
+                metrics::consumed(name, Outcome::Dlq);
+            }
+            Err(e) => {
+                tracing::warn!(consumer = name, error = %e, "dead-letter publish failed; message will come back");
+                let _ = msg.ack_with(AckKind::Nak(Some(self.spec.config.retry_delay(delivery.delivered)))).await;
+                metrics::consumed(name, Outcome::Nak);
+            }
+        }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    // Header values must be one line.
+    let one_line: String = s.chars().map(|c| if c == '\r' || c == '\n' { ' ' } else { c }).collect();
+    one_line.chars().take(max).collect()
+}
