@@ -1,11 +1,35 @@
 //! The merchant side of WeChat: Pay API v3, the mini-program server API, and Tencent Cloud SMS.
 //!
-//! - Crypto primitives of Pay v3, shared with the `sandbox` crate: [`RsaSigner`] signs requests
-//!   ([`AuthorizationHeader`] over [`request_message`]); [`Verifier`] checks responses and
-//!   callbacks by `Wechatpay-Serial` ([`SignatureHeaders`], [`response_message`]) in both
-//!   public-key (`PUB_KEY_ID_…`) and platform-certificate modes; [`decrypt_resource`] opens
-//!   callback and certificate payloads (AEAD_AES_256_GCM under the APIv3 key).
-//! - Wire types ([`Notification`], [`Transaction`], [`RefundNotice`], [`PrepayRequest`], …).
+//! - [`PayClient`]: JSAPI prepay (field rules checked before sending), the front-end
+//!   [`JsapiPayParams`] with `paySign`, query, close, refund create and query, and platform
+//!   certificate download. Every request is signed with the merchant key; every answer is
+//!   verified by `Wechatpay-Serial` (public-key `PUB_KEY_ID_…` and 40-hex certificate serials
+//!   side by side). Errors are [`PayError`] with [`PayError::is_retryable`].
+//! - [`NotificationReader`] (from [`PayClient::notification_reader`]): verifies a callback over
+//!   its raw body, decrypts it and parses a [`Transaction`] or [`RefundNotice`]; any error
+//!   (including the `WECHATPAY/SIGNTEST/` probe) must be answered 4xx/5xx.
+//! - [`MiniProgramClient`]: `jscode2session`, the stable access token (one cache shared by all
+//!   clones, refreshed before expiry and after 40001/42001), subscribe messages with the value
+//!   rules per key type checked before sending; errors are [`MiniError`] classified by
+//!   [`ErrorClass`].
+//! - [`SmsClient`]: Tencent Cloud `SendSms` signed with TC3-HMAC-SHA256 ([`tc3_authorization`]).
+//! - [`WechatConfig`] / [`SmsConfig`]: the `[wechat]` and `[sms]` sections of paystream.toml.
+//! - The Pay v3 primitives the `sandbox` crate also uses: [`RsaSigner`], [`RsaVerifierKey`],
+//!   [`AuthorizationHeader`], [`request_message`], [`response_message`], [`Verifier`],
+//!   [`encrypt_resource`] / [`decrypt_resource`], and the wire types in [`pay::types`].
+//!
+//! ```no_run
+//! # async fn demo(cfg: wechat::WechatConfig) -> Result<(), Box<dyn std::error::Error>> {
+//! let pay = wechat::PayClient::from_config(&cfg)?;
+//! if cfg.platform_certificates {
+//!     pay.download_certificates().await?; // certificate mode: fetch keys before callbacks arrive
+//! }
+//! let openid = wechat::OpenId::new("oUpF8uMuAJO_M2pxb1Q9zNjWeS6o")?;
+//! let req = pay.new_prepay_request("coffee", "PS20261127000001", 100, openid);
+//! let prepay = pay.prepay_jsapi(&req).await?;
+//! let params = pay.jsapi_pay_params(&prepay.prepay_id); // hand to wx.requestPayment
+//! # let _ = params; Ok(()) }
+//! ```
 //!
 //! Everything cryptographic is aws-lc-rs (not the `rsa` crate: RUSTSEC-2023-0071 and speed).
 

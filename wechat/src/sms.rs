@@ -212,7 +212,7 @@ struct TcEnvelope {
 /// 11-digit number.
 pub fn is_phone_number(n: &str) -> bool {
     match n.strip_prefix('+') {
-        Some(d) => (6..=15).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit()),
+        Some(d) => (8..=15).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit()),
         None => n.len() == 11 && n.starts_with('1') && n.bytes().all(|b| b.is_ascii_digit()),
     }
 }
@@ -351,6 +351,21 @@ mod tests {
         assert_eq!(p.signed_headers, SIGNED_HEADERS);
         assert_eq!(p.signature.len(), 64);
         assert!(Tc3Authorization::parse("Bearer x").is_none());
+    }
+
+    /// Tencent Cloud's documented TC3 example (CVM DescribeInstances, 2019-02-25).
+    #[test]
+    fn tc3_matches_tencents_published_example() {
+        let body = br#"{"Limit": 1, "Filters": [{"Values": ["\u672a\u547d\u540d"], "Name": "instance-name"}]}"#;
+        let sig = tc3_signature(
+            "Gu5t9xGARNpq86cd98joQYCN3*******",
+            "cvm",
+            "cvm.tencentcloudapi.com",
+            "application/json; charset=utf-8",
+            1551113065,
+            body,
+        );
+        assert_eq!(sig, "2230eefd229f582d8b1b891af7107b91597240707d778ab3738f756258d7652c");
     }
 
     #[test]
