@@ -107,3 +107,32 @@ proptest! {
         prop_assert!(decrypt_resource(&key, &nonce, &other_aad, &ct).is_err());
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Whatever arrives in the headers or body, the checks answer with an error, never a panic.
+    #[test]
+    fn hostile_input_never_panics(ts in "\\PC{0,16}", nonce in "\\PC{0,40}", sig in "\\PC{0,400}",
+                                  serial in prop_oneof![Just("PUB_KEY_ID_1".to_owned()), "\\PC{0,40}"],
+                                  body in proptest::collection::vec(any::<u8>(), 0..64), now in any::<i64>()) {
+        let h = SignatureHeaders { timestamp: ts.clone(), nonce: nonce.clone(), signature: sig.clone(), serial };
+        let _ = verifier().verify(&h, &body, now);
+        let _ = AuthorizationHeader::parse(&format!("WECHATPAY2-SHA256-RSA2048 {sig}"));
+        let _ = AuthorizationHeader::parse(&sig);
+        let _ = decrypt_resource(&[0u8; 32], &nonce, &ts, &sig);
+        let _ = wechat::check_value(&ts, &sig);
+        let _ = wechat::Tc3Authorization::parse(&sig);
+    }
+
+    #[test]
+    fn probe_signatures_are_always_refused(suffix in "\\PC{0,64}", skew in -1000i64..1000) {
+        let h = SignatureHeaders {
+            timestamp: (NOW + skew).to_string(),
+            nonce: "n".into(),
+            signature: format!("{}{suffix}", wechat::PROBE_PREFIX),
+            serial: "PUB_KEY_ID_1".into(),
+        };
+        prop_assert_eq!(verifier().verify(&h, b"{}", NOW), Err(wechat::VerifyError::Probe));
+    }
+}

@@ -208,6 +208,7 @@ async fn jscode2session_maps_openid_and_errors() {
     assert_eq!(s.unionid.as_deref(), Some("u1"));
     assert!(!format!("{s:?}").contains("tiihtNczf5v6AKRyjwEUhQ"), "session_key must not be in Debug");
     assert!(!format!("{s:?}").contains("o_081abc"), "openid must be masked in Debug");
+    assert!(!format!("{s:?}").contains("u1"), "unionid must be masked in Debug");
     let e = c.jscode2session("bad_code").await.unwrap_err();
     assert_eq!(e.errcode(), Some(Errcode::InvalidCode));
     assert_eq!(e.class(), ErrorClass::Permanent);

@@ -150,11 +150,21 @@ fn map_reqwest(e: reqwest::Error) -> MiniError {
 }
 
 /// A login session from `jscode2session`.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Session {
     pub openid: OpenId,
     pub session_key: SecretString,
     pub unionid: Option<String>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The unionid identifies a person across apps: only say whether there is one.
+        f.debug_struct("Session")
+            .field("openid", &self.openid)
+            .field("unionid", &self.unionid.as_ref().map(|_| "***"))
+            .finish_non_exhaustive()
+    }
 }
 
 /// Settings of a [`MiniProgramClient`].

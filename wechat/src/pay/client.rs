@@ -247,6 +247,13 @@ impl PayClient {
         self.call_json::<(), _>("GET", &path, None).await
     }
 
+    /// `GET /v3/pay/transactions/id/{transaction_id}?mchid=`.
+    pub async fn query_by_transaction_id(&self, transaction_id: &str) -> Result<Transaction, PayError> {
+        rules::transaction_id(transaction_id)?;
+        let path = format!("/v3/pay/transactions/id/{transaction_id}?mchid={}", self.inner.settings.mchid);
+        self.call_json::<(), _>("GET", &path, None).await
+    }
+
     /// `POST /v3/pay/transactions/out-trade-no/{no}/close` (204; idempotent on WeChat's side).
     pub async fn close(&self, out_trade_no: &str) -> Result<(), PayError> {
         rules::out_trade_no(out_trade_no)?;
