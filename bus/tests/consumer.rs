@@ -287,10 +287,13 @@ async fn shutdown_finishes_in_flight_work_and_loses_nothing() {
 
     token.cancel();
     // The runner must wait for in-flight handlers: it cannot finish while they are blocked.
-    let task = tokio::spawn(async move { task.await });
-    assert!(!task.is_finished());
+    let mut task = task;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut task).await.is_err(),
+        "the runner must not return while handlers are still working"
+    );
     gate.add_permits(1000);
-    task.await.unwrap().unwrap();
+    task.await.unwrap();
     let in_flight: Vec<String> = rec.calls.lock().unwrap().iter().map(|c| c.0.clone()).collect();
     let mut done = rec.effects();
     done.sort();
