@@ -89,7 +89,7 @@ pub(crate) async fn subscribe_messages(
 /// `GET /sandbox/v1/sms`.
 pub(crate) async fn sms_messages(State(shared): State<Arc<Shared>>) -> Json<Value> {
     let sms = lock(&shared.sms);
-    Json(json!({"data": *sms}))
+    Json(json!({"data": sms.iter().collect::<Vec<_>>()}))
 }
 
 #[derive(Debug, Deserialize)]

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use crate::faults::{Api, FailSpec};
 use crate::rules;
-use crate::server::{Shared, lock};
+use crate::server::{Journal, Shared, lock};
 use crate::util::{self, hmac_sha256, sha256};
 
 /// What WeChat says a token lives for.
@@ -45,18 +45,18 @@ pub(crate) struct MiniState {
     used_codes: HashSet<String>,
     /// Empty: any template id is accepted.
     pub templates: HashSet<String>,
-    pub messages: Vec<SubscribeRecord>,
+    pub messages: Journal<SubscribeRecord>,
     next_msgid: u64,
 }
 
 impl MiniState {
-    pub fn new(templates: &[String]) -> Self {
+    pub fn new(templates: &[String], max_records: usize) -> Self {
         Self {
             tokens: HashMap::new(),
             stable: None,
             used_codes: HashSet::new(),
             templates: templates.iter().cloned().collect(),
-            messages: Vec::new(),
+            messages: Journal::new(max_records),
             next_msgid: 2_000_000_000_000_000,
         }
     }

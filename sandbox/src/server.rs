@@ -57,6 +57,9 @@ pub struct SandboxOptions {
     pub require_user_agent: bool,
     /// Rewrite `DIR/paystream.toml` with the bound address when binding.
     pub write_config: bool,
+    /// How many records each journal (callback attempts, subscribe messages, SMS) keeps; the
+    /// oldest go first, so a long load run does not grow without bound.
+    pub max_records: usize,
 }
 
 impl Default for SandboxOptions {
@@ -70,6 +73,7 @@ impl Default for SandboxOptions {
             signing: SigningMode::PublicKey,
             require_user_agent: true,
             write_config: true,
+            max_records: 100_000,
         }
     }
 }
@@ -104,12 +108,36 @@ pub(crate) struct Shared {
     pub certificate: PlatformCertificate,
     pub pay: Mutex<PayState>,
     pub faults: Mutex<Faults>,
-    pub callbacks: Mutex<Vec<CallbackRecord>>,
+    pub callbacks: Mutex<Journal<CallbackRecord>>,
     pub mini: Mutex<MiniState>,
-    pub sms: Mutex<Vec<SmsRecord>>,
+    pub sms: Mutex<Journal<SmsRecord>>,
     pub http: reqwest::Client,
     /// Cancels background work (callback retries, refund completion) on shutdown.
     pub background: CancellationToken,
+}
+
+/// A bounded list of records: pushing past `cap` drops the oldest.
+#[derive(Debug)]
+pub(crate) struct Journal<T> {
+    items: std::collections::VecDeque<T>,
+    cap: usize,
+}
+
+impl<T> Journal<T> {
+    pub fn new(cap: usize) -> Self {
+        Self { items: std::collections::VecDeque::new(), cap: cap.max(1) }
+    }
+
+    pub fn push(&mut self, item: T) {
+        if self.items.len() == self.cap {
+            self.items.pop_front();
+        }
+        self.items.push_back(item);
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        self.items.iter()
+    }
 }
 
 /// Locks a mutex, recovering from poisoning: every section leaves its records consistent
@@ -160,7 +188,8 @@ impl Sandbox {
             .user_agent("Mozilla/4.0")
             .build()
             .map_err(|e| SandboxError::Http(e.to_string()))?;
-        let mini = MiniState::new(&options.templates);
+        let mini = MiniState::new(&options.templates, options.max_records);
+        let max_records = options.max_records;
         let shared = Arc::new(Shared {
             apiv3_key: identity.apiv3_key_bytes(),
             identity,
@@ -170,9 +199,9 @@ impl Sandbox {
             certificate,
             pay: Mutex::new(PayState::default()),
             faults: Mutex::new(Faults::default()),
-            callbacks: Mutex::new(Vec::new()),
+            callbacks: Mutex::new(Journal::new(max_records)),
             mini: Mutex::new(mini),
-            sms: Mutex::new(Vec::new()),
+            sms: Mutex::new(Journal::new(max_records)),
             http,
             background: CancellationToken::new(),
         });
