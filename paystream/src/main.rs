@@ -1,1 +1,122 @@
-fn main() {}
+//! `paystream`: one binary, every role. See `paystream --help`.
+
+mod admin;
+mod bench;
+mod config;
+mod demo;
+mod roles;
+mod sandbox_cmd;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+
+#[derive(Debug, Parser)]
+#[command(name = "paystream", version, about = "WeChat Pay back end on NATS JetStream and PostgreSQL")]
+struct Cli {
+    /// Configuration file (default: $PAYSTREAM_CONFIG, else ./paystream.toml if present). Environment variables
+    /// PAYSTREAM__SECTION__KEY override it.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run every role in one process (development, the demo).
+    All,
+    /// Run the outbox relay.
+    Relay,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Check the configuration and print it with secrets hidden.
+    Config,
+    /// WeChat on loopback (Pay v3, mini-program, SMS) for tests and the demo.
+    Sandbox(sandbox_cmd::SandboxArgs),
+    /// Walk an event through the pipeline end to end and print each step.
+    Demo,
+    /// Benchmarks (not tests): figures next to a reference measured in the same run.
+    Bench {
+        #[command(subcommand)]
+        which: bench::Which,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("paystream: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("paystream: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let shutdown = shutdown_on_signal();
+    if let Command::Sandbox(args) = cli.command {
+        // The sandbox is WeChat, not paystream: it needs none of paystream's configuration.
+        observability::init("sandbox", &Default::default());
+        return sandbox_cmd::run(args, shutdown).await;
+    }
+    let path = config::config_path(cli.config.as_deref());
+    let cfg = Config::load(path.as_deref())?;
+    let role = match &cli.command {
+        Command::All => "all",
+        Command::Relay => "relay",
+        Command::Migrate => "migrate",
+        Command::Config => "config",
+        Command::Demo => "demo",
+        Command::Bench { .. } => "bench",
+        Command::Sandbox(_) => unreachable!("handled above"),
+    };
+    observability::init(role, &cfg.telemetry);
+    match cli.command {
+        Command::All => roles::all(&cfg, shutdown).await,
+        Command::Relay => roles::relay(&cfg, shutdown).await,
+        Command::Migrate => roles::migrate(&cfg).await,
+        Command::Config => {
+            println!(
+                "# configuration is valid ({})",
+                path.map_or("defaults and environment".into(), |p| p.display().to_string())
+            );
+            println!("{cfg:#?}");
+            Ok(())
+        }
+        Command::Demo => demo::run(&cfg).await,
+        Command::Bench { which } => bench::run(&cfg, which).await,
+        Command::Sandbox(_) => unreachable!("handled above"),
+    }
+}
+
+/// A token cancelled on SIGINT or SIGTERM: every role stops pulling, finishes in-flight work and exits.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("SIGTERM handler installs");
+            tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutdown requested; draining");
+        t.cancel();
+    });
+    token
+}

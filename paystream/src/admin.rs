@@ -1,0 +1,75 @@
+//! Every role's admin endpoints: `/healthz` (alive), `/readyz` (Postgres and NATS reachable, streams present)
+//! and `/metrics`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use serde_json::json;
+use storage::{PgPool, RunQueryDsl};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone)]
+pub struct Readiness {
+    pub pool: PgPool,
+    pub client: async_nats::Client,
+    pub js: async_nats::jetstream::Context,
+    pub topology: Arc<bus::Topology>,
+}
+
+impl Readiness {
+    /// Each check by name: `true` when it passed.
+    pub async fn check(&self) -> Vec<(&'static str, Result<(), String>)> {
+        let db = async {
+            let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
+            diesel::sql_query("SELECT 1").execute(&mut conn).await.map(|_| ()).map_err(|e| e.to_string())
+        }
+        .await;
+        let nats = match self.client.connection_state() {
+            async_nats::connection::State::Connected => Ok(()),
+            other => Err(format!("{other:?}")),
+        };
+        let mut streams = Ok(());
+        for name in self.topology.streams() {
+            if let Err(e) = self.js.get_stream(&name).await {
+                streams = Err(format!("stream {name}: {e}"));
+                break;
+            }
+        }
+        vec![("postgres", db), ("nats", nats), ("streams", streams)]
+    }
+}
+
+pub fn router(ready: Readiness) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(ready)
+        .merge(observability::metrics_router())
+}
+
+async fn readyz(State(ready): State<Readiness>) -> impl IntoResponse {
+    let checks = ready.check().await;
+    let ok = checks.iter().all(|(_, r)| r.is_ok());
+    let body: serde_json::Map<String, serde_json::Value> = checks
+        .into_iter()
+        .map(|(name, r)| (name.to_owned(), r.err().map_or(json!("ok"), serde_json::Value::String)))
+        .collect();
+    (if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(body))
+}
+
+/// Serves the admin router until `shutdown`. Returns the bound address (port 0 allowed).
+pub async fn serve(
+    addr: SocketAddr,
+    ready: Readiness,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on admin.listen {addr}: {e}"))?;
+    let bound = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, router(ready)).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+    });
+    Ok((bound, task))
+}

@@ -1,0 +1,195 @@
+//! `paystream.toml`: defaults → the file → `PAYSTREAM__SECTION__KEY` environment variables, validated at start
+//! with errors that name the key. `paystream.example.toml` documents every key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Toml},
+};
+use serde::Deserialize;
+
+/// The whole configuration of every role.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub database: storage::DbConfig,
+    #[serde(default)]
+    pub nats: bus::NatsConfig,
+    #[serde(default)]
+    pub consumer: bus::ConsumerConfig,
+    #[serde(default)]
+    pub outbox: bus::OutboxConfig,
+    #[serde(default)]
+    pub telemetry: observability::TelemetryConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// WeChat Pay and the mini-program; needed by the roles that talk to WeChat.
+    pub wechat: Option<wechat::WechatConfig>,
+    /// Tencent Cloud SMS; needed by the notifier when SMS is used.
+    pub sms: Option<wechat::SmsConfig>,
+}
+
+/// `[admin]`: where a role serves `/healthz`, `/readyz` and `/metrics`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig { listen: "127.0.0.1:9090".parse().expect("valid address") }
+    }
+}
+
+/// A configuration that cannot be used, with the key at fault in the message.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0} does not exist")]
+    Missing(PathBuf),
+    #[error("invalid configuration: {0}")]
+    Parse(String),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Where the file comes from: `--config`, else `PAYSTREAM_CONFIG`, else `./paystream.toml` when present.
+pub fn config_path(explicit: Option<&Path>) -> Option<PathBuf> {
+    explicit
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("PAYSTREAM_CONFIG").map(PathBuf::from))
+        .or_else(|| Some(PathBuf::from("paystream.toml")).filter(|p| p.exists()))
+}
+
+impl Config {
+    /// Loads and validates. `path` must exist when given.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut figment = Figment::new();
+        if let Some(p) = path {
+            if !p.exists() {
+                return Err(ConfigError::Missing(p.to_path_buf()));
+            }
+            figment = figment.merge(Toml::file_exact(p));
+        }
+        Self::from_figment(figment.merge(Env::prefixed("PAYSTREAM__").split("__")))
+    }
+
+    /// Loads from a TOML string alone (no environment), for tests.
+    #[cfg(test)]
+    pub fn from_toml(toml: &str) -> Result<Config, ConfigError> {
+        Self::from_figment(Figment::new().merge(Toml::string(toml)))
+    }
+
+    fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
+        let cfg: Config = figment.extract().map_err(|e| {
+            // figment reports every error with the key path it came from; list them one per line.
+            ConfigError::Parse(e.into_iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let mut check = |r: Result<(), String>| {
+            if let Err(e) = r {
+                problems.push(e);
+            }
+        };
+        check(self.database.validate());
+        check(self.nats.validate());
+        check(self.consumer.validate());
+        check(self.outbox.validate());
+        if let Some(w) = &self.wechat {
+            check(w.validate().map_err(|e| e.to_string()));
+        }
+        if let Some(s) = &self.sms {
+            check(s.validate().map_err(|e| e.to_string()));
+        }
+        if problems.is_empty() { Ok(()) } else { Err(ConfigError::Invalid(problems.join("; "))) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [database]
+        url = "postgres://postgres@127.0.0.1:5432/paystream"
+    "#;
+
+    #[test]
+    fn a_minimal_file_gets_sensible_defaults() {
+        let cfg = Config::from_toml(MINIMAL).unwrap();
+        assert_eq!(cfg.nats.prefix, "paystream");
+        assert_eq!(cfg.database.pool_size, 16);
+        assert!(cfg.wechat.is_none());
+    }
+
+    #[test]
+    fn the_example_file_is_valid_and_complete() {
+        let example = include_str!("../../paystream.example.toml");
+        let cfg = Config::from_toml(example).unwrap_or_else(|e| panic!("paystream.example.toml: {e}"));
+        assert!(cfg.wechat.is_some() && cfg.sms.is_some(), "the example documents every section");
+    }
+
+    #[test]
+    fn an_unknown_key_is_refused_by_name() {
+        let e = Config::from_toml(&format!("{MINIMAL}\n[nats]\nprefx = \"x\"\n")).unwrap_err().to_string();
+        assert!(e.contains("prefx") && e.contains("nats"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_secret_is_refused_by_name() {
+        let e = Config::from_toml("[nats]\nprefix = \"x\"\n").unwrap_err().to_string();
+        assert!(e.contains("database"), "{e}");
+        let e = Config::from_toml("[database]\npool_size = 4\n").unwrap_err().to_string();
+        assert!(e.contains("url") && e.contains("database"), "{e}");
+    }
+
+    #[test]
+    fn ack_wait_shorter_than_the_handler_timeout_is_refused() {
+        let e = Config::from_toml(&format!("{MINIMAL}\n[consumer]\nack_wait = \"5s\"\nhandler_timeout = \"10s\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("consumer.ack_wait") && e.contains("consumer.handler_timeout"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_duration_names_its_key() {
+        let e = Config::from_toml(&format!("{MINIMAL}\n[outbox]\npoll_interval = \"soon\"\n")).unwrap_err().to_string();
+        assert!(e.contains("poll_interval"), "{e}");
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail fixes the closure's error type
+    fn the_environment_overrides_the_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("paystream.toml", &format!("{MINIMAL}\n[nats]\nprefix = \"fromfile\"\n"))?;
+            jail.set_env("PAYSTREAM__NATS__PREFIX", "fromenv");
+            jail.set_env("PAYSTREAM__CONSUMER__MAX_DELIVER", "12");
+            let cfg = Config::load(Some(Path::new("paystream.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(cfg.nats.prefix, "fromenv");
+            assert_eq!(cfg.consumer.max_deliver, 12);
+            jail.set_env("PAYSTREAM__NATS__PREFIX", "a.b");
+            let e = Config::load(Some(Path::new("paystream.toml"))).unwrap_err().to_string();
+            assert!(e.contains("nats.prefix"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_named_file_that_does_not_exist_is_an_error() {
+        let e = Config::load(Some(Path::new("/nonexistent/paystream.toml"))).unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/paystream.toml"), "{e}");
+    }
+
+    #[test]
+    fn secrets_are_not_printed() {
+        let cfg = Config::from_toml("[database]\nurl = \"postgres://u:hunter2@db/x\"\n").unwrap();
+        assert!(!format!("{cfg:?}").contains("hunter2"));
+    }
+}
