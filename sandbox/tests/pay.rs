@@ -393,3 +393,34 @@ async fn faults_fail_calls_probe_duplicate_and_drop_callbacks() {
     // …while the order is paid, as a polling merchant would find out.
     assert_eq!(m.query(&no2).await.json()["trade_state"], "SUCCESS");
 }
+
+#[tokio::test]
+async fn retries_follow_wechats_whole_schedule_then_give_up() {
+    // 24 h 4 min of schedule divided by 100,000: under a second.
+    let env = common::spawn_with(sandbox::SandboxOptions { time_scale: 100_000.0, ..Default::default() }).await;
+    let m = &env.merchant;
+    let rx = Receiver::start(usize::MAX).await; // never acknowledges
+    let no = order_no();
+    assert_eq!(m.prepay(&no, 1, &rx.url()).await.status, 200);
+    assert_eq!(m.pay(&no, "SUCCESS").await.status(), 200);
+
+    wait_for("16 attempts", DEADLINE, || async { (rx.received().len() >= 16).then_some(()) }).await;
+    // A later event, recorded after anything the retry task could still have sent.
+    m.fault(json!({"kind":"duplicate_callback","out_trade_no": no})).await;
+    let records = wait_for("the duplicate", DEADLINE, || async {
+        let v = m.control_get(&format!("/sandbox/v1/callbacks?out_trade_no={no}")).await;
+        let list = v["data"].as_array().cloned().unwrap_or_default();
+        list.iter().any(|r| r["kind"] == "duplicate").then_some(list)
+    })
+    .await;
+    let deliveries: Vec<u64> =
+        records.iter().filter(|r| r["kind"] == "delivery").map(|r| r["attempt"].as_u64().unwrap()).collect();
+    assert_eq!(deliveries, (1..=16).collect::<Vec<_>>(), "1 attempt + 15 retries, then no more");
+    assert!(records.iter().all(|r| r["acknowledged"] == false));
+
+    // Gaps follow the schedule: the last one (6 h / 100,000 = 216 ms) is far longer than the
+    // first (15 s / 100,000 = 0.15 ms).
+    let at: Vec<std::time::Instant> = rx.received().iter().take(16).map(|r| r.at).collect();
+    assert!(at[15] - at[14] >= Duration::from_millis(216));
+    assert!(at[10] - at[9] >= Duration::from_millis(36)); // 60 m
+}
