@@ -129,6 +129,10 @@ fn record(shared: &Shared, d: &Delivery, kind: Kind, attempt: u32, status: Optio
 pub(crate) fn deliver(shared: Arc<Shared>, d: Arc<Delivery>, kind: Kind) {
     let cancel = shared.background.clone();
     tokio::spawn(async move {
+        if !shared.options.allow_remote_callbacks && !is_loopback_url(&d.url) {
+            record(&shared, &d, kind, 1, None, Some(NOT_LOOPBACK.into()));
+            return;
+        }
         let attempts = if kind == Kind::Delivery { shared.options.retry_schedule.len() + 1 } else { 1 };
         for attempt in 1..=attempts {
             if lock(&shared.faults).dropped.contains(&d.out_trade_no) {
@@ -151,6 +155,16 @@ pub(crate) fn deliver(shared: Arc<Shared>, d: Arc<Delivery>, kind: Kind) {
             }
         }
     });
+}
+
+/// Recorded instead of sending to a host off this machine.
+pub(crate) const NOT_LOOPBACK: &str =
+    "not sent: notify_url is not on loopback (see SandboxOptions::allow_remote_callbacks)";
+
+fn is_loopback_url(url: &str) -> bool {
+    let Ok(u) = reqwest::Url::parse(url) else { return false };
+    let host = u.host_str().unwrap_or("").trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 async fn send_once(shared: &Shared, d: &Delivery, kind: Kind) -> (Option<u16>, Option<String>) {
@@ -221,4 +235,20 @@ pub(crate) fn complete_refund_later(shared: Arc<Shared>, out_refund_no: String) 
             deliver(shared, d, Kind::Delivery);
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_urls_are_called() {
+        assert!(is_loopback_url("http://127.0.0.1:8080/notify"));
+        assert!(is_loopback_url("http://127.1.2.3/notify"));
+        assert!(is_loopback_url("http://[::1]:9/notify"));
+        assert!(is_loopback_url("https://localhost/notify"));
+        assert!(!is_loopback_url("https://example.com/notify"));
+        assert!(!is_loopback_url("http://10.0.0.1/notify"));
+        assert!(!is_loopback_url("not a url"));
+    }
 }

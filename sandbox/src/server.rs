@@ -57,6 +57,10 @@ pub struct SandboxOptions {
     pub require_user_agent: bool,
     /// Rewrite `DIR/paystream.toml` with the bound address when binding.
     pub write_config: bool,
+    /// Deliver callbacks to hosts other than loopback. Off by default: the sandbox is for this
+    /// machine, and a test that pays an order with a made-up `https://example.com/…`
+    /// notify_url must not send anything off the machine (the attempt is recorded as refused).
+    pub allow_remote_callbacks: bool,
     /// How many records each journal (callback attempts, subscribe messages, SMS) keeps; the
     /// oldest go first, so a long load run does not grow without bound.
     pub max_records: usize,
@@ -74,6 +78,7 @@ impl Default for SandboxOptions {
             require_user_agent: true,
             write_config: true,
             max_records: 100_000,
+            allow_remote_callbacks: false,
         }
     }
 }

@@ -169,6 +169,14 @@ async fn order_rules_reentry_params_paid_closed_and_query() {
     let a = m.call("POST", &format!("/v3/pay/transactions/out-trade-no/{no}/close"), Some(&close)).await;
     assert_eq!(a.status, 403);
     assert_eq!(m.pay(&no, "SUCCESS").await.status(), 409);
+    // Its notify_url is off this machine: the callback is recorded as not sent, never sent.
+    let rec = wait_for("refused delivery", DEADLINE, || async {
+        let v = m.control_get(&format!("/sandbox/v1/callbacks?out_trade_no={no}")).await;
+        v["data"].as_array().and_then(|a| a.first().cloned())
+    })
+    .await;
+    assert!(rec["error"].as_str().unwrap().starts_with("not sent: notify_url is not on loopback"), "{rec}");
+    assert!(rec["status"].is_null());
 
     // Close an open order twice: 204 with a signed empty body both times; then prepay is
     // ORDER_CLOSED and paying is impossible.
