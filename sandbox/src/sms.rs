@@ -151,6 +151,9 @@ pub(crate) async fn tencent_api(State(shared): State<Arc<Shared>>, headers: Head
     if header("x-tc-version") != "2021-01-11" {
         return error("NoSuchVersion", "The requested version `X-TC-Version` does not exist (expected 2021-01-11).");
     }
+    if header("x-tc-region").is_empty() {
+        return error("MissingParameter", "The request is missing a required parameter `X-TC-Region`.");
+    }
     if let Some(spec) = shared.take_fail(Api::SmsSend) {
         return error(
             spec.code.as_deref().unwrap_or("InternalError"),

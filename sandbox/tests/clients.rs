@@ -211,3 +211,33 @@ async fn sms_client_and_sandbox_agree() {
     let e = client.send_sms("1234567", &[], &["+8613800138000".to_owned()]).await.unwrap_err();
     assert!(e.to_string().contains("LimitExceeded.PhoneNumberDailyLimit"), "{e}");
 }
+
+#[tokio::test]
+async fn certificate_mode_client_and_sandbox_agree() {
+    // The sandbox signs under its certificate serial; the client knows no public key and
+    // starts by downloading /v3/certificates.
+    let options = sandbox::SandboxOptions {
+        time_scale: 1000.0,
+        signing: sandbox::SigningMode::Certificate,
+        ..Default::default()
+    };
+    let env = common::spawn_with(options).await;
+    let (mut cfg, _) = configs(&env);
+    cfg.platform_public_key_id = None;
+    cfg.platform_public_key_path = None;
+    cfg.platform_certificates = true;
+    let rx = Receiver::start(0).await;
+    cfg.notify_url = rx.url();
+    let client = PayClient::from_config(&cfg).unwrap();
+    let serials = client.download_certificates().await.unwrap();
+    assert_eq!(serials.len(), 1);
+
+    let no = order_no();
+    let openid = OpenId::new("oUpF8uMuAJO_M2pxb1Q9zNjWeS6o").unwrap();
+    client.prepay_jsapi(&client.new_prepay_request("证书模式", &no, 10, openid)).await.unwrap();
+    assert_eq!(env.merchant.pay(&no, "SUCCESS").await.status(), 200);
+    let got = wait_for("callback", DEADLINE, || async { rx.received().first().cloned() }).await;
+    assert_eq!(got.headers.get("wechatpay-serial").unwrap().to_str().unwrap(), serials[0]);
+    let read = client.notification_reader().read(&got.headers, &got.body, chrono::Utc::now().timestamp()).unwrap();
+    assert!(matches!(read.payload, NotifyPayload::Transaction(t) if t.trade_state == TradeState::Success));
+}
