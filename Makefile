@@ -1,0 +1,34 @@
+# The two commands of the README:
+#   make demo   bring up NATS and PostgreSQL (private, under .run/), build, and walk the demo end to end
+#   make test   everything CI checks: formatting, clippy with warnings as errors, and every test
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+CARGO ?= cargo
+# Tests and tools read the infrastructure's addresses from here (written by scripts/infra.sh up).
+WITH_INFRA := set -a; source .run/infra.env; set +a;
+
+.PHONY: demo test lint infra infra-down bench toolchain
+
+toolchain:
+	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs) and retry" >&2; exit 1; }
+
+infra:
+	@scripts/infra.sh up
+
+demo: toolchain infra
+	@$(CARGO) build -q -p paystream
+	@$(WITH_INFRA) PAYSTREAM__TELEMETRY__LOG_FILTER=$${PAYSTREAM__TELEMETRY__LOG_FILTER:-warn} target/debug/paystream demo
+
+lint: toolchain
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+test: lint infra
+	$(WITH_INFRA) $(CARGO) test --workspace
+
+bench: toolchain infra
+	$(CARGO) build -q --release -p paystream
+	$(WITH_INFRA) PAYSTREAM__TELEMETRY__LOG_FILTER=warn target/release/paystream bench bus
+
+infra-down:
+	@scripts/infra.sh down
