@@ -357,7 +357,8 @@ fn write_file(path: &Path, contents: &[u8], secret: bool) -> Result<(), Identity
     use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
     let io = |source| IdentityError::Io { path: path.to_path_buf(), source };
     let mode = if secret { 0o600 } else { 0o644 };
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    // Unique per process and call: two sandboxes in one test process may rewrite the same file.
+    let tmp = path.with_extension(format!("tmp{}-{}", std::process::id(), crate::util::next_seq()));
     let mut f =
         std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp).map_err(io)?;
     // An existing tmp file keeps its old mode: set it explicitly.

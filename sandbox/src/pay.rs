@@ -98,6 +98,8 @@ pub(crate) struct Order {
     pub total: i64,
     pub currency: String,
     pub openid: String,
+    /// `time_expire`, when given: the user can no longer pay after it.
+    pub time_expire: Option<chrono::DateTime<chrono::FixedOffset>>,
     pub state: TradeState,
     pub transaction_id: Option<String>,
     pub success_time: Option<String>,
@@ -365,6 +367,7 @@ fn check_notify_url(v: &Value, field: &str, url: &str) -> Result<(), PayError> {
 }
 
 struct Prepay {
+    time_expire: Option<chrono::DateTime<chrono::FixedOffset>>,
     appid: String,
     mchid: String,
     out_trade_no: String,
@@ -422,6 +425,7 @@ fn check_prepay(shared: &Shared, v: &Value) -> Result<Prepay, PayError> {
         return Err(PayError::new(StatusCode::BAD_REQUEST, "APPID_MCHID_NOT_MATCH", "appid和mch_id不匹配"));
     }
     Ok(Prepay {
+        time_expire: optional_str(v, "/time_expire")?.and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()),
         appid: appid.to_owned(),
         mchid: mchid.to_owned(),
         out_trade_no: out_trade_no.to_owned(),
@@ -573,6 +577,7 @@ pub(crate) async fn prepay_jsapi(
                     total: p.total,
                     currency: p.currency,
                     openid: p.openid,
+                    time_expire: p.time_expire,
                     state: TradeState::NotPay,
                     transaction_id: None,
                     success_time: None,
@@ -829,6 +834,9 @@ pub(crate) fn settle(
             StatusCode::CONFLICT,
             format!("order is {}, cannot become {}", order.state.as_str(), result.as_str()),
         ));
+    }
+    if result == TradeState::Success && order.time_expire.is_some_and(|t| t < chrono::Utc::now()) {
+        return Err((StatusCode::CONFLICT, "the order's time_expire has passed: it can no longer be paid".to_owned()));
     }
     order.state = result;
     if matches!(result, TradeState::Success | TradeState::PayError) && order.transaction_id.is_none() {

@@ -196,6 +196,14 @@ async fn order_rules_reentry_params_paid_closed_and_query() {
     let a = m.call("POST", &format!("/v3/pay/transactions/out-trade-no/{}/close", order_no()), Some(&close)).await;
     assert_eq!(a.status, 404);
 
+    // Past its time_expire an order can no longer be paid.
+    let no4 = order_no();
+    let mut body = m.prepay_body(&no4, 5, "https://example.com/notify");
+    body["time_expire"] = json!("2020-01-01T00:00:00+08:00");
+    assert_eq!(m.call("POST", "/v3/pay/transactions/jsapi", Some(&body)).await.status, 200);
+    assert_eq!(m.pay(&no4, "SUCCESS").await.status(), 409);
+    assert_eq!(m.query(&no4).await.json()["trade_state"], "NOTPAY");
+
     // A failed payment leaves the order open for another try.
     let no3 = order_no();
     assert_eq!(m.prepay(&no3, 5, "https://example.com/notify").await.status, 200);
