@@ -24,7 +24,7 @@ pub enum Api {
 
 /// One fault request. `kind` selects the variant, e.g.
 /// `{"kind":"fail","api":"jsapi","times":2,"status":500,"code":"SYSTEM_ERROR"}`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Fault {
     /// The next `times` calls of `api` fail. Pay APIs answer `status` (default 500) with

@@ -9,7 +9,7 @@
 //!   sends encrypted, signed callbacks retried on WeChat's schedule divided by
 //!   [`SandboxOptions::time_scale`].
 //! - `/sandbox/v1/…` is the control API (pay an order, read callbacks, messages and SMS,
-//!   inject faults); see the crate README.
+//!   inject faults); see the crate README. [`Control`] is its typed client.
 //!
 //! Crypto comes from the `wechat` crate (RSA, AES-GCM, Authorization header); the TC3 check
 //! for SMS and the subscribe-message value rules are written here independently on purpose,
@@ -17,6 +17,7 @@
 
 mod cert;
 mod control;
+mod control_client;
 mod faults;
 mod identity;
 mod mini;
@@ -27,6 +28,7 @@ mod server;
 mod sms;
 mod util;
 
+pub use control_client::{Control, ControlError};
 pub use faults::{Api, Fault};
 pub use identity::{
     CONFIG_FILE, DEFAULT_LISTEN, DEFAULT_NOTIFY_URL, Identity, IdentityError, InitOptions, init, load_or_init,

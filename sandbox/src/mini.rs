@@ -25,7 +25,7 @@ const TOKEN_TTL: Duration = Duration::from_secs(7200);
 const TOKEN_OVERLAP: Duration = Duration::from_secs(300);
 
 /// A subscribe message the sandbox accepted, as `GET /sandbox/v1/subscribe-messages` lists it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct SubscribeRecord {
     pub msgid: u64,
     pub touser: String,

@@ -79,7 +79,7 @@ pub(crate) enum Kind {
 }
 
 /// One delivery attempt, as `GET /sandbox/v1/callbacks` lists it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct CallbackRecord {
     /// The notification id (the same for every attempt of one notification).
     pub id: String,

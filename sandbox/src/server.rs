@@ -282,6 +282,11 @@ impl RunningSandbox {
         format!("http://{}", self.addr)
     }
 
+    /// A client of this sandbox's control API.
+    pub fn control(&self) -> crate::Control {
+        crate::Control::new(self.base_url())
+    }
+
     /// Stops the server and waits for it. (Without this the server lives as long as the
     /// runtime: a `#[tokio::test]` runtime ends with its test, taking the sandbox with it.)
     pub async fn stop(self) -> Result<(), SandboxError> {

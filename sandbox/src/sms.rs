@@ -17,7 +17,7 @@ use crate::server::{Shared, lock};
 use crate::util::{self, hmac_sha256, sha256};
 
 /// An accepted `SendSms`, as `GET /sandbox/v1/sms` lists it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct SmsRecord {
     pub request_id: String,
     pub phone_numbers: Vec<String>,

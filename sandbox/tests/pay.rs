@@ -440,3 +440,38 @@ async fn retries_follow_wechats_whole_schedule_then_give_up() {
     assert!(at[15] - at[14] >= Duration::from_millis(216));
     assert!(at[10] - at[9] >= Duration::from_millis(36)); // 60 m
 }
+
+#[tokio::test]
+async fn the_typed_control_client_drives_the_sandbox() {
+    let env = spawn().await;
+    let control = env.sandbox.control();
+    let m = &env.merchant;
+    let rx = Receiver::start(0).await;
+    let no = order_no();
+    assert!(control.order(&no).await.unwrap().is_none());
+    assert_eq!(m.prepay(&no, 7, &rx.url()).await.status, 200);
+    control
+        .fault(&sandbox::Fault::Fail {
+            api: sandbox::Api::QueryOrder,
+            times: 1,
+            status: Some(503),
+            code: Some("SYSTEM_ERROR".into()),
+            message: None,
+            errcode: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(m.query(&no).await.status, 503);
+    let paid = control.pay(&no, "SUCCESS").await.unwrap();
+    assert_eq!(paid["trade_state"], "SUCCESS");
+    assert!(matches!(control.pay(&no, "SUCCESS").await, Err(sandbox::ControlError::Status { status: 409, .. })));
+    let attempts = wait_for("acknowledged callback", DEADLINE, || async {
+        let list = control.callbacks(Some(&no)).await.unwrap();
+        list.iter().any(|a| a.acknowledged).then_some(list)
+    })
+    .await;
+    assert_eq!(attempts[0].event_type, "TRANSACTION.SUCCESS");
+    assert!(control.sms().await.unwrap().is_empty());
+    assert!(control.subscribe_messages().await.unwrap().is_empty());
+    control.set_templates(&["TPL"]).await.unwrap();
+}
