@@ -9,6 +9,7 @@
 mod config;
 mod consumer;
 mod envelope;
+pub mod events;
 pub mod metrics;
 mod outbox;
 mod publisher;
