@@ -42,6 +42,12 @@ impl From<storage::StorageError> for HandlerError {
     }
 }
 
+impl From<diesel::result::Error> for HandlerError {
+    fn from(e: diesel::result::Error) -> Self {
+        storage::StorageError::from(e).into()
+    }
+}
+
 /// What a successful handler did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Handled {

@@ -17,6 +17,8 @@ const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
 /// A pooled Postgres connection pool.
 pub type PgPool = deadpool::Pool<AsyncPgConnection>;
+/// A connection borrowed from the pool (derefs to [`Conn`]).
+pub type PooledConn = deadpool::Object<AsyncPgConnection>;
 /// One connection, as handlers and repositories take it.
 pub type Conn = AsyncPgConnection;
 

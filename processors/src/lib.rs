@@ -1,0 +1,44 @@
+//! JetStream workers that move payment and order state: [`PaymentProcessor`] (consumer `payment`, on
+//! `wechat.transaction`) and [`OrderProcessor`] (consumer `order`, on `payment.status`). Each commits its state
+//! change and the events announcing it in one transaction (the outbox), is idempotent, and classifies failures
+//! (transient → retried, permanent → dead-lettered with the reason).
+
+mod metrics;
+mod order;
+mod payment;
+
+pub use metrics::register as register_metrics;
+pub use order::{CONSUMER as ORDER_CONSUMER, OrderProcessor};
+pub use payment::PaymentProcessor;
+
+/// The durable consumer name of the payment processor.
+pub const PAYMENT_CONSUMER: &str = "payment";
+
+use bus::{Consumer, ConsumerConfig, ConsumerSpec, Publisher};
+use tokio_util::sync::CancellationToken;
+
+/// Runs the payment processor until `shutdown`.
+pub async fn run_payment(
+    publisher: Publisher,
+    pool: storage::PgPool,
+    appid: &str,
+    mchid: &str,
+    config: ConsumerConfig,
+    shutdown: CancellationToken,
+) -> Result<(), bus::BusError> {
+    register_metrics();
+    let spec = ConsumerSpec { name: PAYMENT_CONSUMER.into(), config };
+    Consumer::new(publisher, spec, PaymentProcessor::new(pool, appid, mchid)).run(shutdown).await
+}
+
+/// Runs the order processor until `shutdown`.
+pub async fn run_order(
+    publisher: Publisher,
+    pool: storage::PgPool,
+    config: ConsumerConfig,
+    shutdown: CancellationToken,
+) -> Result<(), bus::BusError> {
+    register_metrics();
+    let spec = ConsumerSpec { name: ORDER_CONSUMER.into(), config };
+    Consumer::new(publisher, spec, OrderProcessor::new(pool)).run(shutdown).await
+}

@@ -1,0 +1,150 @@
+//! The payment processor: consumes `wechat.transaction` (verified reports from WeChat) and moves payments.
+//! SUCCESS moves a waiting payment to paid — only when appid, mchid and `amount.total` match — and writes
+//! `payment.status` to the outbox in the same transaction. Unknown payments and mismatches are refused
+//! permanently (counted, dead-lettered), never dropped; replays change nothing and are acked.
+
+use bus::events::{PaymentStatusChanged, WechatTransactionReported};
+use bus::{Delivery, Envelope, Handled, Handler, HandlerError};
+use storage::{AsyncConnection, DomainError, PayStatus, PaymentSn, PgPool, StorageError, Transition, UserId, payments};
+
+use crate::metrics;
+
+/// Handler for the `payment` consumer.
+pub struct PaymentProcessor {
+    pool: PgPool,
+    appid: String,
+    mchid: String,
+}
+
+impl PaymentProcessor {
+    /// `appid` and `mchid` are ours: a report for another merchant or app is refused.
+    pub fn new(pool: PgPool, appid: impl Into<String>, mchid: impl Into<String>) -> Self {
+        PaymentProcessor { pool, appid: appid.into(), mchid: mchid.into() }
+    }
+}
+
+fn refuse(reason: &'static str, detail: String) -> HandlerError {
+    metrics::rejected(reason);
+    HandlerError::Permanent(detail)
+}
+
+impl Handler for PaymentProcessor {
+    type Event = WechatTransactionReported;
+
+    async fn handle(&self, event: Envelope<WechatTransactionReported>, _: &Delivery) -> Result<Handled, HandlerError> {
+        let r = event.payload;
+        if r.appid != self.appid || r.mchid != self.mchid {
+            return Err(refuse(
+                "merchant_mismatch",
+                format!("report for appid {} / mchid {} is not ours", r.appid, r.mchid),
+            ));
+        }
+        let sn = PaymentSn::parse(&r.out_trade_no)
+            .map_err(|_| refuse("unknown_payment", format!("unknown payment {:?}", r.out_trade_no)))?;
+        match r.trade_state.as_str() {
+            "SUCCESS" => self.paid(&sn, &r).await,
+            "CLOSED" | "REVOKED" => self.closed(&sn, &r).await,
+            // Still open at WeChat, or already refunded (the refund path owns that): nothing to change.
+            "NOTPAY" | "USERPAYING" | "ACCEPT" | "PAYERROR" | "REFUND" => Ok(Handled::Done),
+            other => Err(refuse("unknown_state", format!("unknown trade_state {other:?} for {sn}"))),
+        }
+    }
+}
+
+impl PaymentProcessor {
+    async fn paid(&self, sn: &PaymentSn, r: &WechatTransactionReported) -> Result<Handled, HandlerError> {
+        let (Some(total), Some(transaction_id), Some(pay_time)) = (r.amount_total, &r.transaction_id, r.success_time)
+        else {
+            return Err(refuse(
+                "incomplete",
+                format!("SUCCESS for {sn} without amount, transaction id or success time"),
+            ));
+        };
+        let details = payments::PaidDetails {
+            transaction_id: transaction_id.clone(),
+            trade_type: r.trade_type.clone().unwrap_or_default(),
+            trade_state: r.trade_state.clone(),
+            trade_state_desc: r.trade_state_desc.clone(),
+            pay_time,
+        };
+        let mut conn = self.pool.get().await.map_err(StorageError::from)?;
+        conn.transaction::<_, HandlerError, _>(async |c| {
+            // The row lock serialises everything that happens to this payment, which also keeps its outbox events
+            // in order for the relay.
+            let payment = payments::lock_by_sn(c, sn)
+                .await?
+                .ok_or_else(|| refuse("unknown_payment", format!("unknown payment {sn}")))?;
+            if payment.pay_total != total {
+                return Err(refuse(
+                    "amount_mismatch",
+                    format!(
+                        "amount mismatch for {sn}: WeChat says {total} fen, the payment is {} fen",
+                        payment.pay_total
+                    ),
+                ));
+            }
+            match payments::mark_paid(c, sn, &details).await {
+                Ok(Transition::Changed) => {
+                    let changed = PaymentStatusChanged {
+                        payment_sn: sn.clone(),
+                        order_sn: payment.order_sn(),
+                        user_id: UserId(payment.user_id),
+                        from: PayStatus::Waiting,
+                        to: PayStatus::Paid,
+                        pay_total: payment.total(),
+                        transaction_id: Some(details.transaction_id.clone()),
+                        pay_time: Some(pay_time),
+                    };
+                    bus::enqueue(c, &changed.envelope()).await?;
+                    Ok(Handled::Done)
+                }
+                Ok(Transition::Unchanged) => Ok(Handled::Duplicate),
+                // Paid at WeChat while closed here: only possible if a close skipped WeChat. The money must go
+                // back; the lifecycle processor owns refunds of closed payments, so keep it visible in the DLQ.
+                Err(StorageError::Domain(DomainError::Refused { from, .. })) => Err(refuse(
+                    "paid_after_close",
+                    format!("WeChat reports {sn} paid but it is {from} here: needs a refund"),
+                )),
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await
+        .inspect(|h| {
+            if *h == Handled::Done {
+                metrics::payment_transition(PayStatus::Waiting, PayStatus::Paid);
+            }
+        })
+    }
+
+    async fn closed(&self, sn: &PaymentSn, r: &WechatTransactionReported) -> Result<Handled, HandlerError> {
+        let mut conn = self.pool.get().await.map_err(StorageError::from)?;
+        conn.transaction::<_, HandlerError, _>(async |c| {
+            let payment = payments::lock_by_sn(c, sn)
+                .await?
+                .ok_or_else(|| refuse("unknown_payment", format!("unknown payment {sn}")))?;
+            match payments::transition(c, sn, PayStatus::Waiting, PayStatus::Closed, &r.trade_state).await {
+                Ok(Transition::Changed) => {
+                    let changed = PaymentStatusChanged {
+                        payment_sn: sn.clone(),
+                        order_sn: payment.order_sn(),
+                        user_id: UserId(payment.user_id),
+                        from: PayStatus::Waiting,
+                        to: PayStatus::Closed,
+                        pay_total: payment.total(),
+                        transaction_id: None,
+                        pay_time: None,
+                    };
+                    bus::enqueue(c, &changed.envelope()).await?;
+                    metrics::payment_transition(PayStatus::Waiting, PayStatus::Closed);
+                    Ok(Handled::Done)
+                }
+                Ok(Transition::Unchanged) => Ok(Handled::Duplicate),
+                // Closed at WeChat but paid here cannot happen (WeChat never closes a paid order); a stale
+                // report that arrives after the payment moved on is a no-op.
+                Err(StorageError::Domain(DomainError::Refused { .. })) => Ok(Handled::Duplicate),
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await
+    }
+}

@@ -1,0 +1,358 @@
+//! Payment and order processors against real JetStream and Postgres: a verified WeChat report goes in, a paid
+//! order, one `payment.status` and one pair of notification requests come out — whatever the replays, crashes
+//! and bad input.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use bus::events::{ReportSource, WechatTransactionReported};
+use bus::{ConsumerConfig, OutboxConfig, Publisher, Relay, Subject, Topology, headers};
+use chrono::{TimeDelta, Utc};
+use futures::StreamExt;
+use storage::{AuthType, Conn, Fen, OrderSn, PayStatus, PaymentSn, PgPool, TradeState, UserId};
+use testkit::TestDb;
+use tokio_util::sync::CancellationToken;
+
+const APPID: &str = "wxtestappid000001";
+const MCHID: &str = "1900000001";
+
+struct Env {
+    db: TestDb,
+    pool: PgPool,
+    js: jetstream::Context,
+    publisher: Publisher,
+}
+
+impl Env {
+    async fn new() -> Env {
+        observability::init_for_tests();
+        let db = TestDb::create().await;
+        storage::migrate(&db.url).await.unwrap();
+        let pool = storage::pool(&storage::DbConfig::new(&db.url)).unwrap();
+        let js = jetstream::new(testkit::nats().await);
+        let topology = Topology::new(&testkit::unique("p")).unwrap();
+        topology.ensure_streams(&js).await.unwrap();
+        let publisher = Publisher::new(js.clone(), Arc::new(topology));
+        Env { db, pool, js, publisher }
+    }
+
+    fn t(&self) -> &Topology {
+        self.publisher.topology()
+    }
+
+    /// Starts the relay and both processors; returns the token that stops them and their tasks.
+    fn start(&self) -> (CancellationToken, Vec<tokio::task::JoinHandle<()>>) {
+        let token = CancellationToken::new();
+        let cfg = ConsumerConfig {
+            ack_wait: Duration::from_secs(5),
+            handler_timeout: Duration::from_secs(2),
+            backoff: vec![Duration::from_millis(50), Duration::from_millis(100)],
+            max_deliver: 3,
+            concurrency: 16,
+        };
+        let relay = Relay::new(
+            self.pool.clone(),
+            secrecy::SecretString::from(self.db.url.clone()),
+            self.publisher.clone(),
+            OutboxConfig { poll_interval: Duration::from_millis(200), ..Default::default() },
+        );
+        let (p, pool, t) = (self.publisher.clone(), self.pool.clone(), token.clone());
+        let c1 = cfg.clone();
+        let payment = tokio::spawn(async move { processors::run_payment(p, pool, APPID, MCHID, c1, t).await.unwrap() });
+        let (p, pool, t) = (self.publisher.clone(), self.pool.clone(), token.clone());
+        let order = tokio::spawn(async move { processors::run_order(p, pool, cfg, t).await.unwrap() });
+        let relay = tokio::spawn(relay.run(token.clone()));
+        (token, vec![payment, order, relay])
+    }
+
+    async fn conn(&self) -> storage::PooledConn {
+        self.pool.get().await.unwrap()
+    }
+
+    /// Messages stored on a subject (a count that includes every duplicate that got past JetStream).
+    async fn count(&self, subject: Subject) -> u64 {
+        let stream = self.js.get_stream(self.t().stream_of(subject)).await.unwrap();
+        let info = stream.info_with_subjects(self.t().subject(subject)).await.unwrap();
+        let n: Vec<_> = info.collect().await;
+        n.into_iter().map(|r| r.unwrap().1 as u64).sum()
+    }
+
+    async fn dead_letters(&self, consumer: &str) -> Vec<String> {
+        let stream = self.js.get_stream(self.t().dlq_stream()).await.unwrap();
+        let n = stream.get_info().await.unwrap().state.messages;
+        let mut reasons = Vec::new();
+        for seq in 1..=n {
+            if let Ok(m) = stream.get_raw_message(seq).await {
+                if m.subject.as_str() == self.t().dlq_subject(consumer) {
+                    let h = m.headers;
+                    reasons.push(h.get(headers::DLQ_REASON).map(|v| v.as_str().to_owned()).unwrap_or_default());
+                }
+            }
+        }
+        reasons
+    }
+
+    async fn report(&self, r: WechatTransactionReported) {
+        self.publisher.publish(&r.envelope()).await.unwrap();
+    }
+}
+
+struct Booking {
+    user: UserId,
+    order: OrderSn,
+    payment: PaymentSn,
+    total: i64,
+}
+
+async fn book(conn: &mut Conn, mobile: Option<&str>) -> Booking {
+    use storage::{homestays, orders, payments, users};
+    let openid = testkit::unique("openid-");
+    let user = users::insert_with_auth(
+        conn,
+        &users::NewUser { mobile: mobile.map(str::to_owned), ..Default::default() },
+        AuthType::WxMini,
+        &openid,
+    )
+    .await
+    .unwrap()
+    .id();
+    let h = homestays::insert(
+        conn,
+        &homestays::NewHomestay {
+            title: "Lakeside cabin".into(),
+            sub_title: String::new(),
+            info: String::new(),
+            people_num: 4,
+            row_state: 1,
+            row_type: 0,
+            food_info: String::new(),
+            food_price: 0,
+            homestay_price: 29900,
+            market_homestay_price: 0,
+        },
+    )
+    .await
+    .unwrap();
+    let now = Utc::now();
+    let order = OrderSn::generate(now);
+    orders::insert(
+        conn,
+        &orders::NewOrder {
+            sn: order.to_string(),
+            user_id: user.0,
+            homestay_id: h.id,
+            title: h.title.clone(),
+            sub_title: String::new(),
+            cover: String::new(),
+            info: String::new(),
+            people_num: 4,
+            row_type: 0,
+            need_food: false,
+            food_info: String::new(),
+            food_price: 0,
+            homestay_price: 29900,
+            market_homestay_price: 0,
+            homestay_business_id: 0,
+            homestay_user_id: 0,
+            live_start_date: now + TimeDelta::days(3),
+            live_end_date: now + TimeDelta::days(5),
+            live_people_num: 2,
+            trade_code: "20261127".into(),
+            remark: String::new(),
+            order_total_price: 59800,
+            food_total_price: 0,
+            homestay_total_price: 59800,
+            pay_deadline: now + TimeDelta::minutes(30),
+        },
+    )
+    .await
+    .unwrap();
+    let payment = PaymentSn::generate(now);
+    payments::insert(conn, &payments::NewPayment::homestay_order(&payment, user, Fen::new(59800).unwrap(), &order))
+        .await
+        .unwrap();
+    Booking { user, order, payment, total: 59800 }
+}
+
+fn success(b: &Booking, notification: &str) -> WechatTransactionReported {
+    WechatTransactionReported {
+        source: ReportSource::Callback,
+        notification_id: Some(notification.to_owned()),
+        appid: APPID.into(),
+        mchid: MCHID.into(),
+        out_trade_no: b.payment.to_string(),
+        transaction_id: Some(format!("42000{:023}", b.user.0)),
+        trade_type: Some("JSAPI".into()),
+        trade_state: "SUCCESS".into(),
+        trade_state_desc: "支付成功".into(),
+        success_time: Some(Utc::now()),
+        amount_total: Some(b.total),
+        currency: Some("CNY".into()),
+    }
+}
+
+async fn state(env: &Env, b: &Booking) -> (PayStatus, TradeState) {
+    let mut c = env.conn().await;
+    let p = storage::payments::find_by_sn(&mut c, &b.payment).await.unwrap().unwrap().status();
+    let o = storage::orders::find_by_sn(&mut c, &b.order).await.unwrap().unwrap().state();
+    (p, o)
+}
+
+async fn until_paid(env: &Env, b: &Booking) {
+    testkit::eventually(Duration::from_secs(20), "order paid", || async {
+        (state(env, b).await == (PayStatus::Paid, TradeState::WaitUse)).then_some(())
+    })
+    .await;
+}
+
+async fn until_count(env: &Env, subject: Subject, n: u64) {
+    testkit::eventually(Duration::from_secs(20), &format!("{n} messages on {}", subject.name()), || async {
+        (env.count(subject).await == n).then_some(())
+    })
+    .await;
+}
+
+async fn stop(token: CancellationToken, tasks: Vec<tokio::task::JoinHandle<()>>) {
+    token.cancel();
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_verified_success_pays_the_payment_and_the_order_and_requests_messages() {
+    let env = Env::new().await;
+    let b = book(&mut *env.conn().await, Some("13800138000")).await;
+    let (token, tasks) = env.start();
+    env.report(success(&b, "notify-1")).await;
+    until_paid(&env, &b).await;
+    until_count(&env, Subject::PaymentStatus, 1).await;
+    until_count(&env, Subject::OrderStatus, 1).await;
+    until_count(&env, Subject::NotifyMiniprogram, 2).await;
+    until_count(&env, Subject::NotifySms, 1).await;
+    stop(token, tasks).await;
+    let mut c = env.conn().await;
+    let p = storage::payments::find_by_sn(&mut c, &b.payment).await.unwrap().unwrap();
+    assert_eq!(p.trade_state, "SUCCESS");
+    assert_eq!(p.trade_type, "JSAPI");
+    assert!(p.transaction_id.is_some() && p.pay_time.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_success_reported_five_times_and_concurrently_changes_state_once() {
+    let env = Env::new().await;
+    let b = book(&mut *env.conn().await, None).await;
+    let (token, tasks) = env.start();
+    let mut sends = Vec::new();
+    for i in 0..5 {
+        // different notification ids: JetStream cannot dedupe these, the processors must
+        let (p, r) = (env.publisher.clone(), success(&b, &format!("notify-{i}")));
+        sends.push(tokio::spawn(async move { p.publish(&r.envelope()).await.unwrap() }));
+    }
+    for s in sends {
+        s.await.unwrap();
+    }
+    env.report(success(&b, "notify-0")).await; // and one exact repeat
+    until_paid(&env, &b).await;
+    until_count(&env, Subject::NotifyMiniprogram, 2).await;
+    let consumer = env.js.get_stream(env.t().stream_of(Subject::WechatTransaction)).await.unwrap();
+    testkit::eventually(Duration::from_secs(20), "all reports handled", || {
+        let s = consumer.clone();
+        async move {
+            let mut c: jetstream::consumer::PullConsumer = s.get_consumer(processors::PAYMENT_CONSUMER).await.ok()?;
+            let i = c.info().await.ok()?;
+            (i.num_pending == 0 && i.num_ack_pending == 0).then_some(())
+        }
+    })
+    .await;
+    stop(token, tasks).await;
+    assert_eq!(env.count(Subject::WechatTransaction).await, 5, "the exact repeat was dropped by JetStream");
+    assert_eq!(env.count(Subject::PaymentStatus).await, 1);
+    assert_eq!(env.count(Subject::OrderStatus).await, 1);
+    assert_eq!(env.count(Subject::NotifyMiniprogram).await, 2);
+    assert_eq!(env.count(Subject::NotifySms).await, 0, "no mobile, no SMS");
+    assert!(env.dead_letters("payment").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mismatches_and_unknown_payments_are_dead_lettered_and_change_nothing() {
+    let env = Env::new().await;
+    let b = book(&mut *env.conn().await, None).await;
+    let (token, tasks) = env.start();
+    let mut wrong_amount = success(&b, "n-amount");
+    wrong_amount.amount_total = Some(1);
+    let mut wrong_merchant = success(&b, "n-merchant");
+    wrong_merchant.mchid = "1900009999".into();
+    let mut unknown = success(&b, "n-unknown");
+    unknown.out_trade_no = PaymentSn::generate(Utc::now()).to_string();
+    let mut garbage = success(&b, "n-garbage");
+    garbage.out_trade_no = "not-ours".into();
+    for r in [wrong_amount, wrong_merchant, unknown, garbage] {
+        env.report(r).await;
+    }
+    let reasons = testkit::eventually(Duration::from_secs(20), "four dead letters", || async {
+        let r = env.dead_letters("payment").await;
+        (r.len() == 4).then_some(r)
+    })
+    .await;
+    stop(token, tasks).await;
+    assert!(reasons.iter().any(|r| r.starts_with("amount mismatch") && r.contains("WeChat says 1 fen")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("is not ours")), "{reasons:?}");
+    assert_eq!(reasons.iter().filter(|r| r.starts_with("unknown payment")).count(), 2, "{reasons:?}");
+    assert_eq!(state(&env, &b).await, (PayStatus::Waiting, TradeState::WaitPay));
+    assert_eq!(env.count(Subject::PaymentStatus).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn money_for_an_order_that_no_longer_waits_is_sent_back() {
+    let env = Env::new().await;
+    let b = book(&mut *env.conn().await, None).await;
+    storage::orders::transition(&mut *env.conn().await, &b.order, TradeState::WaitPay, TradeState::Cancelled)
+        .await
+        .unwrap();
+    let (token, tasks) = env.start();
+    env.report(success(&b, "late")).await;
+    until_count(&env, Subject::RefundRequested, 1).await;
+    stop(token, tasks).await;
+    assert_eq!(state(&env, &b).await, (PayStatus::Paid, TradeState::Cancelled), "the order stays closed");
+    assert_eq!(env.count(Subject::NotifyMiniprogram).await, 0, "no pay-success for a closed order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn processors_killed_mid_batch_still_pay_every_order_exactly_once() {
+    let env = Env::new().await;
+    let mut bookings = Vec::new();
+    {
+        let mut c = env.conn().await;
+        for _ in 0..150 {
+            bookings.push(book(&mut c, None).await);
+        }
+    }
+    for (i, b) in bookings.iter().enumerate() {
+        env.report(success(b, &format!("n-{i}"))).await;
+    }
+    // Kill everything (no graceful stop) twice while it works, then let a fresh set finish.
+    for round in 1..=2u64 {
+        let (_token, tasks) = env.start();
+        testkit::eventually(Duration::from_secs(30), "some progress", || async {
+            (env.count(Subject::PaymentStatus).await >= 40 * round).then_some(())
+        })
+        .await;
+        for t in tasks {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+    let (token, tasks) = env.start();
+    for b in &bookings {
+        until_paid(&env, b).await;
+    }
+    until_count(&env, Subject::NotifyMiniprogram, 300).await;
+    stop(token, tasks).await;
+    assert_eq!(env.count(Subject::PaymentStatus).await, 150, "one payment.status per payment");
+    assert_eq!(env.count(Subject::OrderStatus).await, 150);
+    assert_eq!(env.count(Subject::NotifyMiniprogram).await, 300, "one pay-success and one check-in each");
+    assert!(env.dead_letters("payment").await.is_empty());
+    assert!(env.dead_letters("order").await.is_empty());
+}
