@@ -83,11 +83,10 @@ impl Env {
         let n = stream.get_info().await.unwrap().state.messages;
         let mut reasons = Vec::new();
         for seq in 1..=n {
-            if let Ok(m) = stream.get_raw_message(seq).await {
-                if m.subject.as_str() == self.t().dlq_subject(consumer) {
-                    let h = m.headers;
-                    reasons.push(h.get(headers::DLQ_REASON).map(|v| v.as_str().to_owned()).unwrap_or_default());
-                }
+            if let Ok(m) = stream.get_raw_message(seq).await
+                && m.subject.as_str() == self.t().dlq_subject(consumer)
+            {
+                reasons.push(m.headers.get(headers::DLQ_REASON).map(|v| v.as_str().to_owned()).unwrap_or_default());
             }
         }
         reasons
