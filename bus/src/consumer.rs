@@ -110,6 +110,7 @@ impl<H: Handler> Consumer<H> {
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), BusError> {
         let mut consumer = self.provision().await?;
         metrics::register();
+        metrics::register_consumer(&self.spec.name);
         let concurrency = self.spec.config.concurrency;
         let permits = Arc::new(Semaphore::new(concurrency));
         let ctx = Arc::new(Ctx { publisher: self.publisher.clone(), spec: self.spec.clone(), handler: self.handler });

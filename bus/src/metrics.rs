@@ -111,5 +111,14 @@ pub(crate) fn relayed(subject: &str, n: u64) {
 /// Makes every bus metric family appear in `/metrics` from the start (at zero), so dashboards and alerts can
 /// rely on them before the first event.
 pub fn register() {
-    let _ = m();
+    for s in crate::Subject::ALL {
+        m().published.with_label_values(&[s.name(), "false"]);
+    }
+}
+
+/// Shows a consumer's outcome series at zero from its start.
+pub(crate) fn register_consumer(consumer: &str) {
+    for o in [Outcome::Ack, Outcome::Duplicate, Outcome::Nak, Outcome::Term, Outcome::Dlq] {
+        m().consumed.with_label_values(&[consumer, o.as_str()]);
+    }
 }

@@ -31,6 +31,11 @@ enum Command {
     All,
     /// Run the outbox relay.
     Relay,
+    /// Run one processor (with an outbox relay).
+    Processor {
+        #[arg(value_enum)]
+        name: roles::Processor,
+    },
     /// Apply database migrations and exit.
     Migrate,
     /// Check the configuration and print it with secrets hidden.
@@ -76,6 +81,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let role = match &cli.command {
         Command::All => "all",
         Command::Relay => "relay",
+        Command::Processor { .. } => "processor",
         Command::Migrate => "migrate",
         Command::Config => "config",
         Command::Demo => "demo",
@@ -86,6 +92,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::All => roles::all(&cfg, shutdown).await,
         Command::Relay => roles::relay(&cfg, shutdown).await,
+        Command::Processor { name } => roles::processor(name, &cfg, shutdown).await,
         Command::Migrate => roles::migrate(&cfg).await,
         Command::Config => {
             println!(

@@ -58,17 +58,84 @@ pub async fn relay(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<
     Ok(())
 }
 
-/// `paystream all`: every role in one process, for development and the demo. Today: migrations, streams, the
-/// outbox relay and the admin endpoints; the ingress, processors and notifier join as they are built.
+/// The processors `paystream processor NAME` can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Processor {
+    /// `wechat.transaction` → payment status.
+    Payment,
+    /// `payment.status` → order state and notification requests.
+    Order,
+}
+
+fn spawn_processor(
+    which: Processor,
+    cfg: &Config,
+    infra: &Infra,
+    shutdown: CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    let (publisher, pool, consumer) = (infra.publisher.clone(), infra.pool.clone(), cfg.consumer.clone());
+    Ok(match which {
+        Processor::Payment => {
+            let wechat = cfg.wechat.as_ref().ok_or_else(|| {
+                anyhow::anyhow!("the payment processor needs the [wechat] section (appid and mchid to check reports)")
+            })?;
+            let (appid, mchid) = (wechat.appid.clone(), wechat.mchid.clone());
+            tokio::spawn(async move {
+                Ok(processors::run_payment(publisher, pool, &appid, &mchid, consumer, shutdown).await?)
+            })
+        }
+        Processor::Order => {
+            tokio::spawn(async move { Ok(processors::run_order(publisher, pool, consumer, shutdown).await?) })
+        }
+    })
+}
+
+/// `paystream processor NAME`: one processor, with the outbox relay (a processor's events must leave the outbox
+/// even when no other role runs; relays share the work, so running one per processor is safe).
+pub async fn processor(which: Processor, cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let infra = Infra::connect(cfg).await?;
+    let (addr, admin) = admin::serve(cfg.admin.listen, infra.readiness(), shutdown.clone()).await?;
+    tracing::info!(%addr, processor = ?which, "processor started");
+    let relay = tokio::spawn(infra.relay(cfg).run(shutdown.clone()));
+    let task = spawn_processor(which, cfg, &infra, shutdown.clone())?;
+    let result = task.await?;
+    shutdown.cancel();
+    let _ = relay.await;
+    let _ = admin.await;
+    result
+}
+
+/// `paystream all`: every role in one process, for development and the demo: migrations, streams, the outbox
+/// relay, the processors and the admin endpoints (the ingress and notifier join as they land).
 pub async fn all(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     storage::migrate(cfg.database.url.expose_secret()).await?;
     let infra = Infra::connect(cfg).await?;
+    processors::register_metrics();
     let (addr, admin) = admin::serve(cfg.admin.listen, infra.readiness(), shutdown.clone()).await?;
+    let mut tasks = vec![tokio::spawn({
+        let relay = infra.relay(cfg);
+        let s = shutdown.clone();
+        async move {
+            relay.run(s).await;
+            anyhow::Ok(())
+        }
+    })];
+    for p in [Processor::Payment, Processor::Order] {
+        tasks.push(spawn_processor(p, cfg, &infra, shutdown.clone())?);
+    }
     println!("paystream all: admin on http://{addr} (healthz, readyz, metrics)");
     tracing::info!(%addr, "all roles started");
-    let relay = tokio::spawn(infra.relay(cfg).run(shutdown.clone()));
-    shutdown.cancelled().await;
-    let _ = relay.await;
+    // If any role fails, stop the others: a half-running process would look healthy and do nothing.
+    let mut first_error = None;
+    let (result, _, rest) = futures::future::select_all(tasks).await;
+    if let Err(e) = result.map_err(anyhow::Error::from).and_then(|r| r) {
+        tracing::error!(error = %e, "a role failed; stopping the others");
+        first_error = Some(e);
+    }
+    shutdown.cancel();
+    for t in rest {
+        let _ = t.await;
+    }
     let _ = admin.await;
-    Ok(())
+    first_error.map_or(Ok(()), Err)
 }

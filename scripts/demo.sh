@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# `make demo`: the whole system on this machine, then one payment walked through it the way a mini-program would.
+#   1. private NATS and PostgreSQL (scripts/infra.sh up)
+#   2. the WeChat sandbox on a free port, with a development identity under .run/wechat
+#   3. `paystream all` (ingress, processors, relay, notifier) configured by the sandbox's paystream.toml
+#   4. `paystream demo`: log in, book, prepay, the sandbox pays, poll until paid; prints every step and its time
+# Everything started here is stopped on exit. Exit status is the demo's.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+run="$root/.run"
+bin="${PAYSTREAM_BIN:-$root/target/debug/paystream}"
+cd "$root"
+
+scripts/infra.sh up >/dev/null
+set -a; source "$run/infra.env"; set +a
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+http_port=$(free_port)
+admin_port=$(free_port)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+callback="http://127.0.0.1:$http_port/payment/v1/thirdPayment/thirdPaymentWxPayCallback"
+"$bin" sandbox init --dir "$run/wechat" --notify-url "$callback" --force >/dev/null
+mkfifo "$run/sandbox.out.$$"
+"$bin" sandbox --dir "$run/wechat" --listen 127.0.0.1:0 --time-scale 100 >"$run/sandbox.out.$$" 2>"$run/sandbox.log" &
+pids+=($!)
+read -r first <"$run/sandbox.out.$$"
+rm -f "$run/sandbox.out.$$"
+sandbox_url=${first##* }
+echo "sandbox (WeChat) on $sandbox_url"
+
+export PAYSTREAM__HTTP__LISTEN="127.0.0.1:$http_port"
+export PAYSTREAM__ADMIN__LISTEN="127.0.0.1:$admin_port"
+export PAYSTREAM__HTTP__JWT_SECRET="${PAYSTREAM__HTTP__JWT_SECRET:-$(python3 -c 'import secrets; print(secrets.token_hex(32))')}"
+export PAYSTREAM__TELEMETRY__LOG_FILTER="${PAYSTREAM__TELEMETRY__LOG_FILTER:-warn}"
+"$bin" --config "$run/wechat/paystream.toml" all >"$run/all.out" 2>"$run/all.log" &
+pids+=($!)
+deadline=$((SECONDS + 60))
+until curl -fsS "http://127.0.0.1:$admin_port/readyz" >/dev/null 2>&1; do
+  if ((SECONDS > deadline)) || ! kill -0 "${pids[-1]}" 2>/dev/null; then
+    echo "paystream all did not become ready; its log:" >&2; tail -20 "$run/all.log" >&2; exit 1
+  fi
+  sleep 0.2
+done
+echo "paystream all ready: API on http://127.0.0.1:$http_port, admin on http://127.0.0.1:$admin_port"
+
+"$bin" --config "$run/wechat/paystream.toml" demo --api "http://127.0.0.1:$http_port" --sandbox "$sandbox_url"
