@@ -1,0 +1,150 @@
+//! Access tokens (JWT HS256) and passwords (argon2id).
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString, rand_core::OsRng};
+use axum::extract::FromRequestParts;
+use axum::http::{header, request::Parts};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
+use secrecy::ExposeSecret as _;
+use serde::{Deserialize, Serialize};
+use storage::UserId;
+
+use crate::AppState;
+use crate::error::{ApiError, AuthProblem};
+
+/// What an access token says.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    /// The user id as a string (RFC 7519).
+    pub sub: String,
+    /// The user id as a number, as looklook's front end reads it.
+    #[serde(rename = "userId")]
+    pub user_id: i64,
+    pub iat: i64,
+    pub exp: i64,
+}
+
+/// Signs and checks access tokens.
+pub struct Tokens {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+    ttl: Duration,
+}
+
+/// `{accessToken, accessExpire, refreshAfter}` as looklook answers a login (unix seconds).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenAnswer {
+    pub access_token: String,
+    pub access_expire: i64,
+    pub refresh_after: i64,
+}
+
+impl Tokens {
+    pub fn new(secret: &secrecy::SecretString, ttl: Duration) -> Self {
+        let key = secret.expose_secret().as_bytes();
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        // Clocks of one deployment agree closely; a long leeway would only stretch stolen tokens.
+        validation.leeway = 5;
+        Tokens { encoding: EncodingKey::from_secret(key), decoding: DecodingKey::from_secret(key), validation, ttl }
+    }
+
+    pub fn issue(&self, user: UserId, now: i64) -> Result<TokenAnswer, ApiError> {
+        let exp = now + self.ttl.as_secs() as i64;
+        let claims = Claims { sub: user.0.to_string(), user_id: user.0, iat: now, exp };
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .map_err(|e| ApiError::Internal(format!("cannot sign a token: {e}")))?;
+        Ok(TokenAnswer { access_token: token, access_expire: exp, refresh_after: now + self.ttl.as_secs() as i64 / 2 })
+    }
+
+    pub fn check(&self, token: &str) -> Result<UserId, AuthProblem> {
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => AuthProblem::Expired,
+                _ => AuthProblem::Invalid,
+            })?;
+        // Both claims must name the same user: a token is either ours, whole, or nothing.
+        if data.claims.sub != data.claims.user_id.to_string() {
+            return Err(AuthProblem::Invalid);
+        }
+        Ok(UserId(data.claims.user_id))
+    }
+}
+
+/// The caller, from `Authorization: Bearer <token>`; 401 when missing, expired or forged.
+#[derive(Debug, Clone, Copy)]
+pub struct AuthUser(pub UserId);
+
+impl FromRequestParts<AppState> for AuthUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let value = parts.headers.get(header::AUTHORIZATION).ok_or(ApiError::Unauthorized(AuthProblem::Missing))?;
+        let value = value.to_str().map_err(|_| ApiError::Unauthorized(AuthProblem::Invalid))?;
+        let token = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or(ApiError::Unauthorized(AuthProblem::Missing))?;
+        let user = state.tokens.check(token).map_err(ApiError::Unauthorized)?;
+        Ok(AuthUser(user))
+    }
+}
+
+/// An argon2id PHC string for `password` (CPU-heavy: call from a blocking thread).
+pub fn hash_password(password: &str) -> Result<String, ApiError> {
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| ApiError::Internal(format!("cannot hash a password: {e}")))
+}
+
+/// Checks `password` against `hash`; with no hash (unknown user) checks against a dummy one, so the answer takes as
+/// long either way and timing does not tell which mobile numbers are registered.
+pub fn verify_password(password: &str, hash: Option<&str>) -> bool {
+    static DUMMY: OnceLock<String> = OnceLock::new();
+    let dummy = DUMMY.get_or_init(|| hash_password("paystream-dummy-password").unwrap_or_default());
+    let (stored, real) = match hash {
+        Some(h) => (h, true),
+        None => (dummy.as_str(), false),
+    };
+    let Ok(parsed) = PasswordHash::new(stored) else { return false };
+    Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok() && real
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_and_refuse_tampering() {
+        let secret = secrecy::SecretString::from("0123456789abcdef0123456789abcdef".to_owned());
+        let tokens = Tokens::new(&secret, Duration::from_secs(3600));
+        let now = chrono::Utc::now().timestamp();
+        let t = tokens.issue(UserId(42), now).unwrap();
+        assert_eq!(tokens.check(&t.access_token).unwrap(), UserId(42));
+        assert_eq!(t.access_expire, now + 3600);
+        let old = tokens.issue(UserId(42), now - 7200).unwrap();
+        assert_eq!(tokens.check(&old.access_token).unwrap_err(), AuthProblem::Expired);
+        let other = Tokens::new(&secrecy::SecretString::from("x".repeat(32)), Duration::from_secs(3600));
+        let forged = other.issue(UserId(42), now).unwrap();
+        assert_eq!(tokens.check(&forged.access_token).unwrap_err(), AuthProblem::Invalid);
+        assert_eq!(tokens.check("not.a.token").unwrap_err(), AuthProblem::Invalid);
+    }
+
+    #[test]
+    fn passwords_verify_only_against_their_hash() {
+        let h = hash_password("correct horse").unwrap();
+        assert!(h.starts_with("$argon2id$"));
+        assert!(verify_password("correct horse", Some(&h)));
+        assert!(!verify_password("wrong", Some(&h)));
+        assert!(!verify_password("paystream-dummy-password", None), "the dummy never logs anyone in");
+    }
+}

@@ -1,0 +1,142 @@
+//! The `[http]` section of `paystream.toml`: where the ingress listens and the rules of its API.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret as _, SecretString};
+use serde::Deserialize;
+
+/// `[http]`. Only `jwt_secret` is required; everything else has a default fit for production.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngressConfig {
+    /// Address of the public API.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// HS256 key of access tokens: at least 32 bytes (a shorter key can be brute-forced from one token).
+    pub jwt_secret: SecretString,
+    /// Lifetime of an access token.
+    #[serde(default = "default_jwt_ttl", with = "humantime_serde")]
+    pub jwt_ttl: Duration,
+    /// Largest request body accepted (callbacks included; WeChat's are about 1 KiB).
+    #[serde(default = "default_body_limit")]
+    pub body_limit_bytes: usize,
+    /// A request still running after this is answered 503.
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Origins allowed to call the API from a browser (the mini-program's web view). Empty: same origin only.
+    #[serde(default)]
+    pub cors_allowed_origins: Vec<String>,
+    /// How long an order waits for payment; also WeChat's `time_expire` of its prepay.
+    #[serde(default = "default_payment_deadline", with = "humantime_serde")]
+    pub payment_deadline: Duration,
+    /// How long after the prepay the status endpoint starts asking WeChat (before that the callback is the likely
+    /// source of truth and a query would be wasted).
+    #[serde(default = "default_status_grace", with = "humantime_serde")]
+    pub status_grace: Duration,
+    /// At most one WeChat query per payment per this interval, however often the front end polls.
+    #[serde(default = "default_status_query_interval", with = "humantime_serde")]
+    pub status_query_interval: Duration,
+}
+
+fn default_listen() -> SocketAddr {
+    "0.0.0.0:8080".parse().expect("valid address")
+}
+fn default_jwt_ttl() -> Duration {
+    Duration::from_secs(2 * 3600)
+}
+fn default_body_limit() -> usize {
+    64 * 1024
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_payment_deadline() -> Duration {
+    Duration::from_secs(30 * 60)
+}
+fn default_status_grace() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_status_query_interval() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl IngressConfig {
+    /// Defaults with the given secret (tests and tools).
+    pub fn new(jwt_secret: impl Into<String>) -> Self {
+        IngressConfig {
+            listen: default_listen(),
+            jwt_secret: SecretString::from(jwt_secret.into()),
+            jwt_ttl: default_jwt_ttl(),
+            body_limit_bytes: default_body_limit(),
+            request_timeout: default_request_timeout(),
+            cors_allowed_origins: Vec::new(),
+            payment_deadline: default_payment_deadline(),
+            status_grace: default_status_grace(),
+            status_query_interval: default_status_query_interval(),
+        }
+    }
+
+    /// Checks every value; the message names the key at fault.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.jwt_secret.expose_secret().len() < 32 {
+            return Err("http.jwt_secret must be at least 32 bytes".into());
+        }
+        if self.jwt_ttl < Duration::from_secs(60) || self.jwt_ttl > Duration::from_secs(30 * 24 * 3600) {
+            return Err("http.jwt_ttl must be between 1 minute and 30 days".into());
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&self.body_limit_bytes) {
+            return Err("http.body_limit_bytes must be between 1024 and 16777216".into());
+        }
+        if self.request_timeout.is_zero() || self.request_timeout > Duration::from_secs(300) {
+            return Err("http.request_timeout must be between 1ms and 5 minutes".into());
+        }
+        // WeChat refuses a time_expire less than a minute away, and a prepay_id lives two hours.
+        if self.payment_deadline < Duration::from_secs(60) || self.payment_deadline > Duration::from_secs(2 * 3600) {
+            return Err("http.payment_deadline must be between 1 minute and 2 hours".into());
+        }
+        if self.status_query_interval.is_zero() {
+            return Err("http.status_query_interval must be positive".into());
+        }
+        for (i, origin) in self.cors_allowed_origins.iter().enumerate() {
+            let ok = (origin.starts_with("https://") || origin.starts_with("http://"))
+                && !origin.trim_end_matches('/').contains(|c: char| c.is_whitespace())
+                && http::HeaderValue::from_str(origin).is_ok()
+                && origin.matches('/').count() == 2;
+            if !ok {
+                return Err(format!(
+                    "http.cors_allowed_origins[{i}] must be an origin such as https://example.com, got {origin:?}"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_errors_name_the_key() {
+        let cfg: IngressConfig = serde_json::from_value(serde_json::json!({
+            "jwt_secret": "0123456789abcdef0123456789abcdef"
+        }))
+        .unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.listen.port(), 8080);
+        assert_eq!(cfg.payment_deadline, Duration::from_secs(1800));
+        assert_eq!(cfg.body_limit_bytes, 65536);
+
+        let short = IngressConfig::new("short");
+        assert_eq!(short.validate().unwrap_err(), "http.jwt_secret must be at least 32 bytes");
+        let mut bad = IngressConfig::new("0123456789abcdef0123456789abcdef");
+        bad.cors_allowed_origins = vec!["https://ok.example.com".into(), "example.com/path".into()];
+        assert!(bad.validate().unwrap_err().starts_with("http.cors_allowed_origins[1]"));
+        let unknown = serde_json::from_value::<IngressConfig>(serde_json::json!({
+            "jwt_secret": "0123456789abcdef0123456789abcdef", "listen_addr": "x"
+        }));
+        assert!(unknown.unwrap_err().to_string().contains("listen_addr"));
+        assert!(!format!("{short:?}").contains("short\""), "the secret never prints");
+    }
+}

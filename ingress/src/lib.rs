@@ -1,0 +1,175 @@
+//! The HTTP edge of paystream (DESIGN.md §5): users, orders, WeChat Pay prepay, WeChat's payment callback and the
+//! status endpoint the front end polls, with `/healthz`, `/readyz`, `/metrics` and `/openapi.json`.
+//!
+//! What it keeps (DESIGN.md §3): a callback is answered 204 only after JetStream acknowledged the event it became;
+//! an unverified callback is refused (401, counted, nothing published); an order has at most one open payment and
+//! a paid order is never prepaid again; users only ever see their own orders and payments.
+//!
+//! ```no_run
+//! # async fn run(deps: ingress::Deps) -> std::io::Result<()> {
+//! let listener = tokio::net::TcpListener::bind(deps.config.listen).await?;
+//! let shutdown = tokio_util::sync::CancellationToken::new();
+//! ingress::serve(deps, listener, shutdown).await
+//! # }
+//! ```
+
+mod auth;
+mod callback;
+mod config;
+mod error;
+mod metrics;
+mod openapi;
+mod routes;
+mod seed;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::{HeaderName, Method, StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router, extract::State};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceBuilder;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+pub use auth::{Claims, TokenAnswer};
+pub use config::IngressConfig;
+pub use error::{ApiError, AuthProblem};
+pub use seed::seed;
+
+/// Where WeChat posts payment callbacks (the path part of `wechat.notify_url`).
+pub const CALLBACK_PATH: &str = "/payment/v1/thirdPayment/thirdPaymentWxPayCallback";
+
+/// Everything the ingress needs from the process that runs it.
+#[derive(Clone)]
+pub struct Deps {
+    pub pool: storage::PgPool,
+    /// Publishes to `wechat.transaction` (callbacks and status queries) and waits for the PubAck.
+    pub publisher: bus::Publisher,
+    pub pay: wechat::PayClient,
+    pub mini: wechat::MiniProgramClient,
+    /// For the app id and merchant id callbacks and queries must carry, and the certificate mode.
+    pub wechat: wechat::WechatConfig,
+    pub config: IngressConfig,
+}
+
+/// Shared by every handler.
+#[derive(Clone)]
+pub(crate) struct AppState(Arc<Inner>);
+
+pub(crate) struct Inner {
+    pub deps: Deps,
+    pub tokens: auth::Tokens,
+    pub reader: wechat::NotificationReader,
+    pub status_limiter: routes::payment::QueryLimiter,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl Inner {
+    pub async fn conn(&self) -> Result<storage::db::PooledConn, ApiError> {
+        Ok(self.deps.pool.get().await?)
+    }
+}
+
+/// The whole API with its middleware: request ids (`X-Request-Id`, generated when absent, echoed), tracing, HTTP
+/// metrics per route template, JSON error bodies for every failure, the request timeout, the body limit and CORS.
+pub fn router(deps: Deps) -> Router {
+    let cfg = deps.config.clone();
+    let state = AppState(Arc::new(Inner {
+        tokens: auth::Tokens::new(&cfg.jwt_secret, cfg.jwt_ttl),
+        reader: deps.pay.notification_reader(),
+        status_limiter: routes::payment::QueryLimiter::new(cfg.status_query_interval),
+        deps,
+    }));
+
+    let api = Router::new()
+        .route("/usercenter/v1/user/register", post(routes::user::register))
+        .route("/usercenter/v1/user/login", post(routes::user::login))
+        .route("/usercenter/v1/user/wxMiniAuth", post(routes::user::wx_mini_auth))
+        .route("/usercenter/v1/user/detail", post(routes::user::detail))
+        .route("/order/v1/homestayOrder/createHomestayOrder", post(routes::order::create))
+        .route("/order/v1/homestayOrder/userHomestayOrderList", post(routes::order::list))
+        .route("/order/v1/homestayOrder/userHomestayOrderDetail", post(routes::order::detail))
+        .route("/payment/v1/thirdPayment/thirdPaymentWxPay", post(routes::payment::prepay))
+        .route("/payment/v1/thirdPayment/thirdPaymentWxPayStatus", post(routes::payment::status))
+        .route(CALLBACK_PATH, post(callback::handle))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/openapi.json", get(|| async { Json(openapi::document()) }))
+        .fallback(|| async { error::error_body(StatusCode::NOT_FOUND, 40400, "no such endpoint") })
+        .with_state(state)
+        .merge(observability::metrics_router());
+
+    let request_id = HeaderName::from_static("x-request-id");
+    let layers = ServiceBuilder::new()
+        .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
+            let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default();
+            // The path only: bodies and headers carry tokens, mobiles and openids, and are never logged.
+            tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id)
+        }))
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(axum::middleware::from_fn(metrics::track))
+        .layer(axum::Extension(error::BodyLimit(cfg.body_limit_bytes)))
+        .layer(axum::middleware::from_fn(error::json_errors))
+        .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, cfg.request_timeout))
+        .layer(RequestBodyLimitLayer::new(cfg.body_limit_bytes));
+    let mut app = api.layer(layers);
+    if !cfg.cors_allowed_origins.is_empty() {
+        let origins = cfg.cors_allowed_origins.iter().filter_map(|o| o.parse().ok()).collect::<Vec<_>>();
+        app = app.layer(
+            CorsLayer::new()
+                .allow_origin(AllowOrigin::list(origins))
+                .allow_methods([Method::GET, Method::POST])
+                .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, request_id.clone()])
+                .expose_headers([request_id])
+                .max_age(Duration::from_secs(600)),
+        );
+    }
+    app
+}
+
+/// Serves [`router`] on `listener` until `shutdown` fires, then lets in-flight requests finish.
+pub async fn serve(deps: Deps, listener: tokio::net::TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "ingress listening");
+    }
+    axum::serve(listener, router(deps)).with_graceful_shutdown(shutdown.cancelled_owned()).await
+}
+
+/// Ready when Postgres answers and the NATS connection is up with the `wechat.transaction` stream present:
+/// without either, callbacks could not be acknowledged.
+async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    let db = async {
+        let mut conn = state.deps.pool.get().await.map_err(|e| e.to_string())?;
+        diesel_async::RunQueryDsl::execute(diesel::sql_query("SELECT 1"), &mut *conn)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+    .await;
+    let js = state.deps.publisher.jetstream();
+    let nats = match js.client().connection_state() {
+        async_nats::connection::State::Connected => {
+            let stream = state.deps.publisher.topology().stream_of(bus::Subject::WechatTransaction);
+            js.get_stream(&stream).await.map(|_| ()).map_err(|e| format!("stream {stream}: {e}"))
+        }
+        other => Err(format!("{other:?}")),
+    };
+    let ok = db.is_ok() && nats.is_ok();
+    let show = |r: Result<(), String>| r.err().map_or(json!("ok"), serde_json::Value::String);
+    let body = json!({ "postgres": show(db), "nats": show(nats) });
+    (if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(body))
+}

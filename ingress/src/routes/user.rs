@@ -1,0 +1,166 @@
+//! `/usercenter/v1/user/*`: register, log in with a password or with WeChat, read one's own details.
+
+use axum::extract::State;
+use serde::{Deserialize, Serialize};
+use storage::{AsyncConnection as _, AuthType, StorageError, users};
+
+use crate::auth::{self, AuthUser, TokenAnswer};
+use crate::error::{ApiError, ApiJson, ApiResult, AuthProblem, Data, conflict};
+use crate::{AppState, routes::unix_now};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Credentials {
+    mobile: String,
+    password: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WxMiniAuthReq {
+    code: String,
+}
+
+/// The database's rule for mobile numbers, checked first so the client gets a message rather than a 500.
+fn check_mobile(mobile: &str) -> Result<(), ApiError> {
+    let digits = mobile.strip_prefix('+').unwrap_or(mobile);
+    if (5..=20).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid("mobile must be 5 to 20 digits, optionally starting with +"))
+    }
+}
+
+/// Runs argon2 off the async threads: it takes tens of milliseconds of CPU on purpose.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::Internal(format!("password task failed: {e}")))
+}
+
+pub async fn register(State(state): State<AppState>, ApiJson(req): ApiJson<Credentials>) -> ApiResult<TokenAnswer> {
+    check_mobile(&req.mobile)?;
+    let len = req.password.chars().count();
+    if !(8..=128).contains(&len) {
+        return Err(ApiError::invalid("password must be 8 to 128 characters"));
+    }
+    let password = req.password;
+    let hash = blocking(move || auth::hash_password(&password)).await??;
+    let mut conn = state.conn().await?;
+    let new = users::NewUser { mobile: Some(req.mobile.clone()), password_hash: Some(hash), nickname: String::new() };
+    let mobile = req.mobile.clone();
+    let created = conn.transaction(async |c| users::insert_with_auth(c, &new, AuthType::System, &mobile).await).await;
+    let user = match created {
+        Ok(u) => u,
+        Err(e) if e.conflict().is_some() => {
+            return Err(ApiError::conflict(conflict::MOBILE_TAKEN, "this mobile number is already registered: log in"));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    tracing::info!(user_id = user.id, "user registered");
+    Ok(Data(state.tokens.issue(user.id(), unix_now())?))
+}
+
+pub async fn login(State(state): State<AppState>, ApiJson(req): ApiJson<Credentials>) -> ApiResult<TokenAnswer> {
+    let user = if check_mobile(&req.mobile).is_ok() {
+        let mut conn = state.conn().await?;
+        users::find_by_auth(&mut conn, AuthType::System, &req.mobile).await?
+    } else {
+        None
+    };
+    let hash = user.as_ref().and_then(|u| u.password_hash.clone());
+    let password = req.password;
+    let ok = blocking(move || auth::verify_password(&password, hash.as_deref())).await?;
+    match user {
+        Some(u) if ok => Ok(Data(state.tokens.issue(u.id(), unix_now())?)),
+        _ => Err(ApiError::Unauthorized(AuthProblem::WrongCredentials)),
+    }
+}
+
+/// `wx.login` code → jscode2session → openid; the first login creates the user.
+pub async fn wx_mini_auth(
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<WxMiniAuthReq>,
+) -> ApiResult<TokenAnswer> {
+    if req.code.trim().is_empty() || req.code.len() > 128 {
+        return Err(ApiError::invalid("code must be the 1 to 128 character code from wx.login"));
+    }
+    let session = state.deps.mini.jscode2session(&req.code).await.map_err(mini_error)?;
+    let openid = session.openid.expose().to_owned();
+    let mut conn = state.conn().await?;
+    let user = match users::find_by_auth(&mut conn, AuthType::WxMini, &openid).await? {
+        Some(u) => u,
+        None => {
+            let new = users::NewUser::default();
+            let created =
+                conn.transaction(async |c| users::insert_with_auth(c, &new, AuthType::WxMini, &openid).await).await;
+            match created {
+                Ok(u) => {
+                    tracing::info!(user_id = u.id, openid = %session.openid, "user created on first WeChat login");
+                    u
+                }
+                // Two first logins raced: the other one created the user, which is the one we want.
+                Err(StorageError::Conflict { constraint }) if constraint == "user_auth_type_key_unique" => {
+                    users::find_by_auth(&mut conn, AuthType::WxMini, &openid)
+                        .await?
+                        .ok_or_else(|| ApiError::Internal("user vanished after a login race".into()))?
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
+    Ok(Data(state.tokens.issue(user.id(), unix_now())?))
+}
+
+fn mini_error(e: wechat::MiniError) -> ApiError {
+    use wechat::{Errcode, MiniError};
+    match &e {
+        // 40163: the code was already used.
+        MiniError::Api { code: Errcode::InvalidCode | Errcode::Other(40163), .. } => {
+            ApiError::Unauthorized(AuthProblem::BadLoginCode)
+        }
+        MiniError::Api { code: Errcode::Blocked, .. } => {
+            ApiError::Forbidden("WeChat blocked this account from logging in (40226)".into())
+        }
+        MiniError::Invalid(_) => ApiError::invalid("code must be the code from wx.login"),
+        _ if e.is_retryable() => {
+            ApiError::Upstream { msg: format!("WeChat login is unavailable, try again: {e}"), retryable: true }
+        }
+        _ => ApiError::Upstream { msg: format!("WeChat refused the login: {e}"), retryable: false },
+    }
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UserInfo {
+    id: i64,
+    mobile: String,
+    nickname: String,
+    sex: i16,
+    avatar: String,
+    info: String,
+    /// Whether the user can pay with WeChat (has logged in through the mini-program).
+    wx_mini_bound: bool,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DetailResp {
+    user_info: UserInfo,
+}
+
+/// The caller's own details (shown unmasked to their owner; never logged).
+pub async fn detail(State(state): State<AppState>, AuthUser(user): AuthUser) -> ApiResult<DetailResp> {
+    let mut conn = state.conn().await?;
+    let row = users::find(&mut conn, user).await?.ok_or(ApiError::NotFound("user"))?;
+    let bound = users::auth_key(&mut conn, user, AuthType::WxMini).await?.is_some();
+    Ok(Data(DetailResp {
+        user_info: UserInfo {
+            id: row.id,
+            mobile: row.mobile.unwrap_or_default(),
+            nickname: row.nickname,
+            sex: row.sex,
+            avatar: row.avatar,
+            info: row.info,
+            wx_mini_bound: bound,
+        },
+    }))
+}
