@@ -1,5 +1,5 @@
 # The two commands of the README:
-#   make demo   bring up NATS and PostgreSQL (private, under .run/), build, and walk the demo end to end
+#   make demo   bring up NATS, PostgreSQL and the WeChat sandbox, start `paystream all`, and walk one payment
 #   make test   everything CI checks: formatting, clippy with warnings as errors, and every test
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -17,7 +17,7 @@ infra:
 
 demo: toolchain infra
 	@$(CARGO) build -q -p paystream
-	@$(WITH_INFRA) PAYSTREAM__TELEMETRY__LOG_FILTER=$${PAYSTREAM__TELEMETRY__LOG_FILTER:-warn} target/debug/paystream demo
+	@scripts/demo.sh
 
 lint: toolchain
 	$(CARGO) fmt --all -- --check

@@ -22,7 +22,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 
 callback="http://127.0.0.1:$http_port/payment/v1/thirdPayment/thirdPaymentWxPayCallback"
-"$bin" sandbox init --dir "$run/wechat" --notify-url "$callback" --force >/dev/null
+"$bin" sandbox init --dir "$run/wechat" --notify-url "$callback" --force >/dev/null 2>>"$run/sandbox.log"
 mkfifo "$run/sandbox.out.$$"
 "$bin" sandbox --dir "$run/wechat" --listen 127.0.0.1:0 --time-scale 100 >"$run/sandbox.out.$$" 2>"$run/sandbox.log" &
 pids+=($!)

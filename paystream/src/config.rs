@@ -25,6 +25,8 @@ pub struct Config {
     pub telemetry: observability::TelemetryConfig,
     #[serde(default)]
     pub admin: AdminConfig,
+    /// The HTTP API; needed by the ingress.
+    pub http: Option<ingress::IngressConfig>,
     /// WeChat Pay and the mini-program; needed by the roles that talk to WeChat.
     pub wechat: Option<wechat::WechatConfig>,
     /// Tencent Cloud SMS; needed by the notifier when SMS is used.
@@ -102,6 +104,9 @@ impl Config {
         check(self.nats.validate());
         check(self.consumer.validate());
         check(self.outbox.validate());
+        if let Some(h) = &self.http {
+            check(h.validate());
+        }
         if let Some(w) = &self.wechat {
             check(w.validate().map_err(|e| e.to_string()));
         }

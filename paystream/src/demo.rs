@@ -1,109 +1,155 @@
-//! `paystream demo`: walks one event through the pipeline the way every state change travels — committed with
-//! its outbox row, relayed to JetStream, handled once by a consumer — and prints each step with its time.
-//! It runs in a namespace of its own (`<prefix>-demo`), so it never touches a deployment's streams, and exits
-//! non-zero if any step fails. (The full payment walk through HTTP joins when the ingress exists.)
+//! `paystream demo --api URL --sandbox URL`: one payment walked through a running system exactly as a
+//! mini-program would — log in with a WeChat code, book a homestay, ask for the JSAPI pay parameters, pay (the
+//! sandbox plays the user's WeChat), then poll the status endpoint until the order is paid — printing each step,
+//! the final states and the time each took. Exits non-zero if any step fails.
 
 use std::time::{Duration, Instant};
 
-use bus::{Consumer, ConsumerSpec, Delivery, Envelope, Event, Handled, Handler, HandlerError, Subject};
-use secrecy::ExposeSecret;
-use serde::{Deserialize, Serialize};
-use storage::{AsyncConnection, StorageError, processed};
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use anyhow::{Context, bail};
+use chrono::Utc;
+use serde_json::{Value, json};
 
-use crate::{config::Config, roles::Infra};
+use crate::config::Config;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct DemoPing {
-    note: String,
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Base URL of paystream's HTTP API (the ingress).
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub api: String,
+    /// Base URL of the WeChat sandbox (plays the user's WeChat app and shows what WeChat received).
+    #[arg(long, default_value = "http://127.0.0.1:7070")]
+    pub sandbox: String,
 }
 
-impl Event for DemoPing {
-    const TYPE: &'static str = "demo.ping";
-    const VERSION: u16 = 1;
-    const SUBJECT: Subject = Subject::OrderStatus;
-    fn aggregate(&self) -> String {
-        "demo".into()
+struct Walk {
+    http: reqwest::Client,
+    api: String,
+    t0: Instant,
+    last: Instant,
+}
+
+impl Walk {
+    fn step(&mut self, what: &str) {
+        let now = Instant::now();
+        println!(
+            "[{:>8.1} ms] (+{:>6.1} ms) {what}",
+            (now - self.t0).as_secs_f64() * 1000.0,
+            (now - self.last).as_secs_f64() * 1000.0
+        );
+        self.last = now;
     }
-}
 
-struct Receiver {
-    pool: storage::PgPool,
-    done: mpsc::UnboundedSender<(Envelope<DemoPing>, Instant)>,
-}
-
-impl Handler for Receiver {
-    type Event = DemoPing;
-    async fn handle(&self, event: Envelope<DemoPing>, _: &Delivery) -> Result<Handled, HandlerError> {
-        let mut conn = self.pool.get().await.map_err(|e| HandlerError::Transient(e.to_string()))?;
-        let id = event.id.to_string();
-        let fresh = conn.transaction::<_, StorageError, _>(async |c| processed::claim(c, "demo", &id).await).await?;
-        if !fresh {
-            return Ok(Handled::Duplicate);
+    /// POSTs to the API and unwraps the `{"code":200,"msg":"OK","data":…}` envelope.
+    async fn call(&self, path: &str, token: Option<&str>, body: Value) -> anyhow::Result<Value> {
+        let mut req = self.http.post(format!("{}{path}", self.api)).json(&body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
         }
-        let _ = self.done.send((event, Instant::now()));
-        Ok(Handled::Done)
+        let resp = req.send().await.with_context(|| format!("POST {path}"))?;
+        let status = resp.status();
+        let body: Value = resp.json().await.with_context(|| format!("POST {path}: body is not JSON"))?;
+        if !status.is_success() || body["code"] != 200 {
+            bail!("POST {path} answered {status}: {body}");
+        }
+        Ok(body["data"].clone())
     }
 }
 
-fn step(t0: Instant, what: &str) {
-    println!("[{:>8.1} ms] {what}", t0.elapsed().as_secs_f64() * 1000.0);
-}
+pub async fn run(cfg: &Config, args: DemoArgs) -> anyhow::Result<()> {
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+    let now = Instant::now();
+    let mut w = Walk { http: http.clone(), api: args.api.trim_end_matches('/').to_owned(), t0: now, last: now };
 
-pub async fn run(cfg: &Config) -> anyhow::Result<()> {
-    let t0 = Instant::now();
-    let applied = storage::migrate(cfg.database.url.expose_secret()).await?;
-    step(t0, &format!("database migrated ({applied} migrations applied now)"));
+    // A listed homestay to book (the mini-program would show a list; the demo picks the first listed one).
+    let homestay = {
+        use diesel::prelude::*;
+        use secrecy::ExposeSecret;
+        use storage::{RunQueryDsl, schema::homestay as h};
+        let mut conn = storage::connect(cfg.database.url.expose_secret()).await?;
+        h::table
+            .filter(h::row_state.eq(1))
+            .order(h::id)
+            .select((h::id, h::title))
+            .first::<(i64, String)>(&mut conn)
+            .await
+            .context("no listed homestay: has `paystream all` seeded the database?")?
+    };
 
-    let mut cfg = cfg.clone();
-    cfg.nats.prefix = format!("{}-demo", cfg.nats.prefix);
-    let infra = Infra::connect(&cfg).await?;
-    step(t0, &format!("connected to NATS {}; streams under prefix {:?} ready", cfg.nats.url, cfg.nats.prefix));
+    let code = format!("demo-{}:1", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let login = w.call("/usercenter/v1/user/wxMiniAuth", None, json!({ "code": code })).await?;
+    let token = login["accessToken"].as_str().context("wxMiniAuth returned no accessToken")?.to_owned();
+    w.step("logged in with a WeChat code (jscode2session → openid → user, JWT issued)");
 
-    let shutdown = CancellationToken::new();
-    let relay = tokio::spawn(infra.relay(&cfg).run(shutdown.clone()));
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let consumer = Consumer::new(
-        infra.publisher.clone(),
-        ConsumerSpec { name: "demo".into(), config: cfg.consumer.clone() },
-        Receiver { pool: infra.pool.clone(), done: tx },
-    );
-    let consumer_task = tokio::spawn(consumer.run(shutdown.clone()));
-    step(t0, "outbox relay and a durable consumer running");
+    let start =
+        (Utc::now() + chrono::TimeDelta::days(7)).date_naive().and_hms_opt(6, 0, 0).expect("valid time").and_utc();
+    let order = w
+        .call(
+            "/order/v1/homestayOrder/createHomestayOrder",
+            Some(&token),
+            json!({
+                "homestayId": homestay.0, "isFood": false,
+                "liveStartTime": start.timestamp(), "liveEndTime": start.timestamp() + 2 * 86_400,
+                "livePeopleNum": 2, "remark": "paystream demo"
+            }),
+        )
+        .await?;
+    let order_sn = order["orderSn"].as_str().context("createHomestayOrder returned no orderSn")?.to_owned();
+    w.step(&format!("booked {:?} for two nights: order {order_sn}", homestay.1));
 
-    let event = Envelope::new(DemoPing { note: "hello from the outbox".into() });
-    let committed = Instant::now();
-    let mut conn = infra.pool.get().await?;
-    conn.transaction::<_, StorageError, _>(async |c| bus::enqueue(c, &event).await).await?;
-    step(t0, &format!("event {} committed with its outbox row", event.id));
+    let pay = w
+        .call(
+            "/payment/v1/thirdPayment/thirdPaymentWxPay",
+            Some(&token),
+            json!({ "orderSn": order_sn, "serviceType": "homestayOrder" }),
+        )
+        .await?;
+    w.step(&format!("JSAPI pay parameters: package {}, signType {}", pay["package"], pay["signType"]));
 
-    let outcome = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match rx.recv().await {
-                Some((got, at)) if got.id == event.id => return Some(at),
-                Some(_) => continue,
-                None => return None,
-            }
-        }
-    })
-    .await;
-    shutdown.cancel();
-    let _ = relay.await;
-    let _ = consumer_task.await;
-    // The demo namespace is scratch: remove its streams so repeated runs start clean.
-    for stream in infra.publisher.topology().streams() {
-        let _ = infra.publisher.jetstream().delete_stream(&stream).await;
+    let status = w
+        .call("/payment/v1/thirdPayment/thirdPaymentWxPayStatus", Some(&token), json!({ "orderSn": order_sn }))
+        .await?;
+    let pay_sn = status["paySn"].as_str().context("status returned no paySn")?.to_owned();
+    let resp = http
+        .post(format!("{}/sandbox/v1/transactions/{pay_sn}/pay", args.sandbox.trim_end_matches('/')))
+        .json(&json!({ "result": "SUCCESS" }))
+        .send()
+        .await?;
+    if !resp.status().is_success() {
+        bail!("the sandbox refused to pay {pay_sn}: {} {}", resp.status(), resp.text().await.unwrap_or_default());
     }
-    match outcome {
-        Ok(Some(at)) => {
-            step(
-                t0,
-                &format!("consumer handled it once, {:.1} ms after commit", (at - committed).as_secs_f64() * 1000.0),
-            );
-            println!("demo OK");
-            Ok(())
+    w.step(&format!("the user paid {pay_sn} in WeChat (sandbox); WeChat now calls back"));
+    let paid_at = Instant::now();
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let final_status = loop {
+        let s = w
+            .call("/payment/v1/thirdPayment/thirdPaymentWxPayStatus", Some(&token), json!({ "orderSn": order_sn }))
+            .await?;
+        if s["payStatus"] == 1 && s["tradeState"] == 1 {
+            break s;
         }
-        _ => anyhow::bail!("the event was not handled within 10 s: is the relay or NATS stuck? (see the log above)"),
-    }
+        if Instant::now() > deadline {
+            bail!("order {order_sn} not paid 20 s after WeChat's payment; last status {s}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    w.step(&format!(
+        "order paid: payment status {} (paid), order state {} (waitUse), {:.1} ms after WeChat's payment",
+        final_status["payStatus"],
+        final_status["tradeState"],
+        paid_at.elapsed().as_secs_f64() * 1000.0
+    ));
+
+    let detail =
+        w.call("/order/v1/homestayOrder/userHomestayOrderDetail", Some(&token), json!({ "sn": order_sn })).await?;
+    println!("final order: {}", serde_json::to_string_pretty(&detail)?);
+    let callbacks: Value = http
+        .get(format!("{}/sandbox/v1/callbacks?out_trade_no={pay_sn}", args.sandbox.trim_end_matches('/')))
+        .send()
+        .await?
+        .json()
+        .await?;
+    println!("WeChat's callback deliveries for {pay_sn}: {callbacks}");
+    println!("demo OK");
+    Ok(())
 }

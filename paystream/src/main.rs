@@ -29,6 +29,8 @@ struct Cli {
 enum Command {
     /// Run every role in one process (development, the demo).
     All,
+    /// Run the HTTP API (user, order and payment endpoints, WeChat's callback).
+    Ingress,
     /// Run the outbox relay.
     Relay,
     /// Run one processor (with an outbox relay).
@@ -42,8 +44,8 @@ enum Command {
     Config,
     /// WeChat on loopback (Pay v3, mini-program, SMS) for tests and the demo.
     Sandbox(sandbox_cmd::SandboxArgs),
-    /// Walk an event through the pipeline end to end and print each step.
-    Demo,
+    /// Walk one payment through a running system over HTTP and print each step.
+    Demo(demo::DemoArgs),
     /// Benchmarks (not tests): figures next to a reference measured in the same run.
     Bench {
         #[command(subcommand)]
@@ -80,17 +82,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let cfg = Config::load(path.as_deref())?;
     let role = match &cli.command {
         Command::All => "all",
+        Command::Ingress => "ingress",
         Command::Relay => "relay",
         Command::Processor { .. } => "processor",
         Command::Migrate => "migrate",
         Command::Config => "config",
-        Command::Demo => "demo",
+        Command::Demo(_) => "demo",
         Command::Bench { .. } => "bench",
         Command::Sandbox(_) => unreachable!("handled above"),
     };
     observability::init(role, &cfg.telemetry);
     match cli.command {
         Command::All => roles::all(&cfg, shutdown).await,
+        Command::Ingress => roles::ingress(&cfg, shutdown).await,
         Command::Relay => roles::relay(&cfg, shutdown).await,
         Command::Processor { name } => roles::processor(name, &cfg, shutdown).await,
         Command::Migrate => roles::migrate(&cfg).await,
@@ -102,7 +106,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{cfg:#?}");
             Ok(())
         }
-        Command::Demo => demo::run(&cfg).await,
+        Command::Demo(args) => demo::run(&cfg, args).await,
         Command::Bench { which } => bench::run(&cfg, which).await,
         Command::Sandbox(_) => unreachable!("handled above"),
     }

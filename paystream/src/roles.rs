@@ -40,6 +40,49 @@ impl Infra {
     }
 }
 
+/// The ingress's dependencies from the configuration: needs `[http]` and `[wechat]`.
+fn ingress_deps(cfg: &Config, infra: &Infra) -> anyhow::Result<ingress::Deps> {
+    let http =
+        cfg.http.clone().ok_or_else(|| anyhow::anyhow!("the ingress needs the [http] section (listen, jwt_secret)"))?;
+    let wechat = cfg.wechat.clone().ok_or_else(|| anyhow::anyhow!("the ingress needs the [wechat] section"))?;
+    Ok(ingress::Deps {
+        pool: infra.pool.clone(),
+        publisher: infra.publisher.clone(),
+        pay: wechat::PayClient::from_config(&wechat)?,
+        mini: wechat::MiniProgramClient::from_config(&wechat)?,
+        wechat,
+        config: http,
+    })
+}
+
+fn spawn_ingress(
+    cfg: &Config,
+    infra: &Infra,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    let deps = ingress_deps(cfg, infra)?;
+    Ok(tokio::spawn(async move { Ok(ingress::serve(deps, listener, shutdown).await?) }))
+}
+
+async fn bind_http(cfg: &Config) -> anyhow::Result<tokio::net::TcpListener> {
+    let addr = cfg.http.as_ref().ok_or_else(|| anyhow::anyhow!("the ingress needs the [http] section"))?.listen;
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on http.listen {addr}: {e}"))
+}
+
+/// `paystream ingress`: the HTTP API (seeds demo homestays into an empty database).
+pub async fn ingress(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let infra = Infra::connect(cfg).await?;
+    ingress::seed(&mut *infra.pool.get().await?).await?;
+    let listener = bind_http(cfg).await?;
+    let (addr, admin) = admin::serve(cfg.admin.listen, infra.readiness(), shutdown.clone()).await?;
+    tracing::info!(api = %listener.local_addr()?, admin = %addr, "ingress started");
+    let result = spawn_ingress(cfg, &infra, listener, shutdown.clone())?.await?;
+    shutdown.cancel();
+    let _ = admin.await;
+    result
+}
+
 /// `paystream migrate`.
 pub async fn migrate(cfg: &Config) -> anyhow::Result<()> {
     let applied = storage::migrate(cfg.database.url.expose_secret()).await?;
@@ -106,7 +149,7 @@ pub async fn processor(which: Processor, cfg: &Config, shutdown: CancellationTok
 }
 
 /// `paystream all`: every role in one process, for development and the demo: migrations, streams, the outbox
-/// relay, the processors and the admin endpoints (the ingress and notifier join as they land).
+/// relay, the processors, the ingress (when `[http]` is configured) and the admin endpoints.
 pub async fn all(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     storage::migrate(cfg.database.url.expose_secret()).await?;
     let infra = Infra::connect(cfg).await?;
@@ -123,7 +166,16 @@ pub async fn all(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<()
     for p in [Processor::Payment, Processor::Order] {
         tasks.push(spawn_processor(p, cfg, &infra, shutdown.clone())?);
     }
-    println!("paystream all: admin on http://{addr} (healthz, readyz, metrics)");
+    let mut api = String::new();
+    if cfg.http.is_some() {
+        ingress::seed(&mut *infra.pool.get().await?).await?;
+        let listener = bind_http(cfg).await?;
+        api = format!(", API on http://{}", listener.local_addr()?);
+        tasks.push(spawn_ingress(cfg, &infra, listener, shutdown.clone())?);
+    } else {
+        tracing::warn!("no [http] section: running without the ingress");
+    }
+    println!("paystream all: admin on http://{addr} (healthz, readyz, metrics){api}");
     tracing::info!(%addr, "all roles started");
     // If any role fails, stop the others: a half-running process would look healthy and do nothing.
     let mut first_error = None;
