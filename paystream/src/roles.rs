@@ -154,6 +154,14 @@ pub async fn all(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<()
     storage::migrate(cfg.database.url.expose_secret()).await?;
     let infra = Infra::connect(cfg).await?;
     processors::register_metrics();
+    // Bind the API before the admin port, so that `/readyz` answering means the API accepts connections too.
+    let http = match &cfg.http {
+        Some(_) => {
+            ingress::seed(&mut *infra.pool.get().await?).await?;
+            Some(bind_http(cfg).await?)
+        }
+        None => None,
+    };
     let (addr, admin) = admin::serve(cfg.admin.listen, infra.readiness(), shutdown.clone()).await?;
     let mut tasks = vec![tokio::spawn({
         let relay = infra.relay(cfg);
@@ -167,9 +175,7 @@ pub async fn all(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<()
         tasks.push(spawn_processor(p, cfg, &infra, shutdown.clone())?);
     }
     let mut api = String::new();
-    if cfg.http.is_some() {
-        ingress::seed(&mut *infra.pool.get().await?).await?;
-        let listener = bind_http(cfg).await?;
+    if let Some(listener) = http {
         api = format!(", API on http://{}", listener.local_addr()?);
         tasks.push(spawn_ingress(cfg, &infra, listener, shutdown.clone())?);
     } else {
