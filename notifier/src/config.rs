@@ -27,8 +27,8 @@ impl ConfigError {
     }
 }
 
-/// `[notifier]`.
-#[derive(Debug, Clone, Deserialize)]
+/// `[notifier]`. `Debug` masks the allow-listed openids (`paystream config` prints the configuration).
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NotifierConfig {
     /// `developer`, `trial` or `formal`: the version of the mini-program a message opens. Required, no default:
@@ -52,6 +52,20 @@ pub struct NotifierConfig {
     /// One entry per logical template; a template (or a channel of it) left out is recorded as `suppressed`.
     #[serde(default)]
     pub templates: Templates,
+}
+
+impl fmt::Debug for NotifierConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let allow = self.allow_openids.as_ref().map(|l| l.iter().map(|o| observability::mask(o)).collect::<Vec<_>>());
+        f.debug_struct("NotifierConfig")
+            .field("miniprogram_state", &state_name(self.miniprogram_state))
+            .field("allow_openids", &allow)
+            .field("lang", &self.lang)
+            .field("time_zone", &self.time_zone)
+            .field("sms_enabled", &self.sms_enabled)
+            .field("templates", &self.templates)
+            .finish()
+    }
 }
 
 fn miniprogram_state<'de, D: Deserializer<'de>>(d: D) -> Result<MiniprogramState, D::Error> {
@@ -342,6 +356,8 @@ mod tests {
         assert_eq!(t.fields["amount2"], Param::Amount);
         assert_eq!(t.sms_params, vec![Param::OrderSn, Param::Amount]);
         assert!(c.templates.get(NotifyTemplate::OrderClosed).is_none());
+        let printed = format!("{c:?}");
+        assert!(printed.contains("trial") && !printed.contains("oAbc\""), "openids are masked: {printed}");
     }
 
     #[test]

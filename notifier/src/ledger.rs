@@ -197,3 +197,25 @@ pub struct NotificationRow {
 pub async fn find(conn: &mut Conn, key: &str) -> Result<Option<NotificationRow>> {
     Ok(n::table.filter(n::key.eq(key)).select(NotificationRow::as_select()).first(conn).await.optional()?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_round_trip_and_only_claimed_and_retrying_are_open() {
+        for s in [
+            Status::Claimed,
+            Status::Sent,
+            Status::RefusedByUser,
+            Status::Invalid,
+            Status::Suppressed,
+            Status::Retrying,
+            Status::Failed,
+        ] {
+            assert_eq!(Status::parse(s.as_str()), Some(s));
+            assert_eq!(s.is_final(), !matches!(s, Status::Claimed | Status::Retrying), "{s:?}");
+        }
+        assert_eq!(Status::parse("delivered"), None);
+    }
+}

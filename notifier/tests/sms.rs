@@ -89,3 +89,20 @@ async fn a_tencent_outage_delays_but_loses_nothing() {
     assert_eq!(sent.iter().filter(|s| s.codes == ["Ok"]).count(), 1);
     env.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mobile_number_tencent_cannot_take_is_invalid_and_dead_lettered() {
+    let mut env = Env::new().await;
+    let (user, _) = env.user("mallory:1", Some("12345")).await;
+    env.start(notifier_config("formal", ""));
+    let sn = order_sn();
+    env.publisher.publish(&SmsNotify(request(PaySuccess, user, &sn)).envelope()).await.unwrap();
+
+    let row = env.wait_status(&format!("{sn}:pay_success:sms"), "invalid").await;
+    let reason = row.last_error.unwrap();
+    assert!(reason.contains("mobile number") && !reason.contains("12345"), "{reason}");
+    env.settled(SMS_CONSUMER).await;
+    assert_eq!(env.dead_letters(SMS_CONSUMER).await, 1);
+    assert!(env.sandbox.control().sms().await.unwrap().is_empty());
+    env.stop().await.unwrap();
+}
