@@ -31,11 +31,34 @@ rm -f "$run/sandbox.out.$$"
 sandbox_url=${first##* }
 echo "sandbox (WeChat) on $sandbox_url"
 
+# The demo user's openid (the sandbox derives it from the part of the login code before ':'), so that the notifier
+# can run as in development: `developer` state, messages only to allow-listed openids.
+openid=$(curl -fsS "$sandbox_url/sns/jscode2session?appid=$(cat "$run/wechat/appid")&secret=$(cat "$run/wechat/miniprogram_secret")&js_code=demo:$RANDOM$RANDOM&grant_type=authorization_code" \
+  | python3 -c 'import json,sys; print(json.load(sys.stdin)["openid"])')
+config="$run/paystream.toml"
+cat "$run/wechat/paystream.toml" - >"$config" <<TOML
+
+[notifier]
+miniprogram_state = "developer"
+allow_openids = ["$openid"]
+
+[notifier.templates.pay_success]
+template_id = "TPL_PAY_SUCCESS"
+page = "pages/order/detail?sn={order_sn}"
+fields = { character_string6 = "order_sn", thing1 = "title", amount2 = "amount", time4 = "live_start", time5 = "live_end" }
+
+[notifier.templates.checkin_notice]
+template_id = "TPL_CHECKIN"
+page = "pages/order/detail?sn={order_sn}"
+fields = { thing1 = "title", date2 = "live_period", character_string3 = "trade_code", number4 = "live_people_num" }
+TOML
+chmod 600 "$config"
+
 export PAYSTREAM__HTTP__LISTEN="127.0.0.1:$http_port"
 export PAYSTREAM__ADMIN__LISTEN="127.0.0.1:$admin_port"
 export PAYSTREAM__HTTP__JWT_SECRET="${PAYSTREAM__HTTP__JWT_SECRET:-$(python3 -c 'import secrets; print(secrets.token_hex(32))')}"
 export PAYSTREAM__TELEMETRY__LOG_FILTER="${PAYSTREAM__TELEMETRY__LOG_FILTER:-warn}"
-"$bin" --config "$run/wechat/paystream.toml" all >"$run/all.out" 2>"$run/all.log" &
+"$bin" --config "$config" all >"$run/all.out" 2>"$run/all.log" &
 pids+=($!)
 deadline=$((SECONDS + 60))
 until curl -fsS "http://127.0.0.1:$admin_port/readyz" >/dev/null 2>&1; do
@@ -46,4 +69,4 @@ until curl -fsS "http://127.0.0.1:$admin_port/readyz" >/dev/null 2>&1; do
 done
 echo "paystream all ready: API on http://127.0.0.1:$http_port, admin on http://127.0.0.1:$admin_port"
 
-"$bin" --config "$run/wechat/paystream.toml" demo --api "http://127.0.0.1:$http_port" --sandbox "$sandbox_url"
+"$bin" --config "$config" demo --api "http://127.0.0.1:$http_port" --sandbox "$sandbox_url"

@@ -31,6 +31,8 @@ pub struct Config {
     pub wechat: Option<wechat::WechatConfig>,
     /// Tencent Cloud SMS; needed by the notifier when SMS is used.
     pub sms: Option<wechat::SmsConfig>,
+    /// Subscribe messages and SMS: templates and the mini-program environment; needed by the notifier.
+    pub notifier: Option<notifier::NotifierConfig>,
 }
 
 /// `[admin]`: where a role serves `/healthz`, `/readyz` and `/metrics`.
@@ -113,6 +115,9 @@ impl Config {
         if let Some(s) = &self.sms {
             check(s.validate().map_err(|e| e.to_string()));
         }
+        if let Some(n) = &self.notifier {
+            check(n.validate(self.sms.is_some()).map_err(|e| e.to_string()));
+        }
         if problems.is_empty() { Ok(()) } else { Err(ConfigError::Invalid(problems.join("; "))) }
     }
 }
@@ -138,7 +143,10 @@ mod tests {
     fn the_example_file_is_valid_and_complete() {
         let example = include_str!("../../paystream.example.toml");
         let cfg = Config::from_toml(example).unwrap_or_else(|e| panic!("paystream.example.toml: {e}"));
-        assert!(cfg.wechat.is_some() && cfg.sms.is_some(), "the example documents every section");
+        assert!(
+            cfg.wechat.is_some() && cfg.sms.is_some() && cfg.http.is_some() && cfg.notifier.is_some(),
+            "the example documents every section"
+        );
     }
 
     #[test]

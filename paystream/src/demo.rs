@@ -75,7 +75,8 @@ pub async fn run(cfg: &Config, args: DemoArgs) -> anyhow::Result<()> {
             .context("no listed homestay: has `paystream all` seeded the database?")?
     };
 
-    let code = format!("demo-{}:1", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    // Codes work once; the sandbox derives the openid from the part before ':', so every run is user "demo".
+    let code = format!("demo:{}", uuid::Uuid::new_v4().simple());
     let login = w.call("/usercenter/v1/user/wxMiniAuth", None, json!({ "code": code })).await?;
     let token = login["accessToken"].as_str().context("wxMiniAuth returned no accessToken")?.to_owned();
     w.step("logged in with a WeChat code (jscode2session → openid → user, JWT issued)");
@@ -150,6 +151,31 @@ pub async fn run(cfg: &Config, args: DemoArgs) -> anyhow::Result<()> {
         .json()
         .await?;
     println!("WeChat's callback deliveries for {pay_sn}: {callbacks}");
+
+    // The notifier tells the user: wait for the subscribe messages to reach WeChat (the sandbox).
+    let sandbox = args.sandbox.trim_end_matches('/').to_owned();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let messages = loop {
+        let all: Value = http.get(format!("{sandbox}/sandbox/v1/subscribe-messages")).send().await?.json().await?;
+        let mine: Vec<Value> = all["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|m| m.to_string().contains(&order_sn))
+            .cloned()
+            .collect();
+        if mine.len() >= 2 {
+            break mine;
+        }
+        if Instant::now() > deadline {
+            bail!("the pay-success and check-in messages for {order_sn} did not reach WeChat within 20 s: {all}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    w.step(&format!("{} subscribe messages delivered to WeChat", messages.len()));
+    for m in &messages {
+        println!("subscribe message as WeChat received it: {}", serde_json::to_string_pretty(m)?);
+    }
     println!("demo OK");
     Ok(())
 }

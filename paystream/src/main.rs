@@ -31,6 +31,8 @@ enum Command {
     All,
     /// Run the HTTP API (user, order and payment endpoints, WeChat's callback).
     Ingress,
+    /// Run the notifier (mini-program subscribe messages and SMS).
+    Notifier,
     /// Run the outbox relay.
     Relay,
     /// Run one processor (with an outbox relay).
@@ -83,6 +85,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let role = match &cli.command {
         Command::All => "all",
         Command::Ingress => "ingress",
+        Command::Notifier => "notifier",
         Command::Relay => "relay",
         Command::Processor { .. } => "processor",
         Command::Migrate => "migrate",
@@ -95,6 +98,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::All => roles::all(&cfg, shutdown).await,
         Command::Ingress => roles::ingress(&cfg, shutdown).await,
+        Command::Notifier => roles::notifier(&cfg, shutdown).await,
         Command::Relay => roles::relay(&cfg, shutdown).await,
         Command::Processor { name } => roles::processor(name, &cfg, shutdown).await,
         Command::Migrate => roles::migrate(&cfg).await,

@@ -83,6 +83,38 @@ pub async fn ingress(cfg: &Config, shutdown: CancellationToken) -> anyhow::Resul
     result
 }
 
+fn spawn_notifier(
+    cfg: &Config,
+    infra: &Infra,
+    shutdown: CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    let config = cfg.notifier.clone().ok_or_else(|| anyhow::anyhow!("the notifier needs the [notifier] section"))?;
+    let wechat = cfg.wechat.as_ref().ok_or_else(|| anyhow::anyhow!("the notifier needs the [wechat] section"))?;
+    let deps = notifier::NotifierDeps {
+        config,
+        consumer: cfg.consumer.clone(),
+        pool: infra.pool.clone(),
+        publisher: infra.publisher.clone(),
+        miniprogram: wechat::MiniProgramClient::from_config(wechat)?,
+        sms: cfg.sms.as_ref().map(wechat::SmsClient::from_config).transpose()?,
+    };
+    // Validates and logs the environment before anything runs.
+    let notifier = notifier::Notifier::new(deps)?;
+    Ok(tokio::spawn(async move { Ok(notifier.run(shutdown).await?) }))
+}
+
+/// `paystream notifier`: subscribe messages and SMS.
+pub async fn notifier(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let infra = Infra::connect(cfg).await?;
+    let task = spawn_notifier(cfg, &infra, shutdown.clone())?;
+    let (addr, admin) = admin::serve(cfg.admin.listen, infra.readiness(), shutdown.clone()).await?;
+    tracing::info!(admin = %addr, "notifier started");
+    let result = task.await?;
+    shutdown.cancel();
+    let _ = admin.await;
+    result
+}
+
 /// `paystream migrate`.
 pub async fn migrate(cfg: &Config) -> anyhow::Result<()> {
     let applied = storage::migrate(cfg.database.url.expose_secret()).await?;
@@ -149,7 +181,8 @@ pub async fn processor(which: Processor, cfg: &Config, shutdown: CancellationTok
 }
 
 /// `paystream all`: every role in one process, for development and the demo: migrations, streams, the outbox
-/// relay, the processors, the ingress (when `[http]` is configured) and the admin endpoints.
+/// relay, the processors, the ingress (when `[http]` is configured), the notifier (when `[notifier]` is) and the
+/// admin endpoints.
 pub async fn all(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     storage::migrate(cfg.database.url.expose_secret()).await?;
     let infra = Infra::connect(cfg).await?;
@@ -173,6 +206,13 @@ pub async fn all(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<()
     })];
     for p in [Processor::Payment, Processor::Order] {
         tasks.push(spawn_processor(p, cfg, &infra, shutdown.clone())?);
+    }
+    if cfg.notifier.is_some() {
+        tasks.push(spawn_notifier(cfg, &infra, shutdown.clone())?);
+    } else {
+        tracing::warn!(
+            "no [notifier] section: running without the notifier (notification requests wait in the stream)"
+        );
     }
     let mut api = String::new();
     if let Some(listener) = http {
