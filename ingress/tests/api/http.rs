@@ -1,0 +1,140 @@
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::common::spawn_app;
+
+const CREATE: &str = "/order/v1/homestayOrder/createHomestayOrder";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_bodies_get_clear_json_errors() {
+    let app = spawn_app().await;
+    let token = app.wx_login("alice").await;
+    let t = Some(token.as_str());
+    let cases: Vec<(Vec<u8>, StatusCode, &str)> = vec![
+        (b"{not json".to_vec(), StatusCode::BAD_REQUEST, "not valid JSON"),
+        (b"[1,2]".to_vec(), StatusCode::BAD_REQUEST, "invalid request body"),
+        (
+            br#"{"homestayId":"one","liveStartTime":1,"liveEndTime":2,"livePeopleNum":1}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid type",
+        ),
+        (
+            br#"{"homestayId":1,"liveEndTime":2,"livePeopleNum":1}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+            "missing field `liveStartTime`",
+        ),
+        (
+            br#"{"homestayId":1,"liveStartTime":1,"liveEndTime":2,"livePeopleNum":1,"colour":"red"}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+            "unknown field `colour`",
+        ),
+        (
+            br#"{"homestayId":1,"liveStartTime":1,"liveEndTime":2,"livePeopleNum":1} trailing"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+            "not valid JSON",
+        ),
+    ];
+    for (body, status, needle) in cases {
+        let shown = String::from_utf8_lossy(&body).into_owned();
+        let (got, answer) = app.post_raw(CREATE, body, t).await;
+        assert_eq!(got, status, "{shown} -> {answer}");
+        assert_eq!(answer["code"], 40000, "{answer}");
+        assert!(answer["msg"].as_str().unwrap().contains(needle), "{shown} -> {answer}");
+    }
+    // Over the body limit (64 KiB), with and without a content-length the limit layer can see.
+    let big = format!(r#"{{"remark":"{}"}}"#, "x".repeat(70 * 1024)).into_bytes();
+    let (status, answer) = app.post_raw(CREATE, big.clone(), t).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{answer}");
+    assert_eq!(answer["code"], 41300);
+    assert!(answer["msg"].as_str().unwrap().contains("65536"), "{answer}");
+    // Chunked, so no content-length warns the limit layer: the body is cut off while being read.
+    let (status, answer) = chunked_post(&app.base, CREATE, &token, &big).await;
+    assert_eq!(status, 413, "{answer}");
+    assert_eq!(answer["code"], 41300, "{answer}");
+
+    // Unknown routes and wrong methods answer JSON too.
+    let (status, answer) = app.post("/order/v1/nope", &json!({}), t).await;
+    assert_eq!((status, answer["code"].as_i64()), (StatusCode::NOT_FOUND, Some(40400)));
+    let resp = app.http.get(format!("{}{CREATE}", app.base)).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let answer: Value = resp.json().await.unwrap();
+    assert_eq!(answer["code"], 40500, "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_health_metrics_openapi_and_graceful_shutdown() {
+    let mut app = spawn_app().await;
+    let base = app.base.clone();
+    let url = |p: &str| format!("{base}{p}");
+    let resp = app.http.get(url("/healthz")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let generated = resp.headers().get("x-request-id").expect("a request id is generated").to_str().unwrap().to_owned();
+    assert!(!generated.is_empty());
+    let resp = app.http.get(url("/readyz")).header("x-request-id", "req-123").send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["x-request-id"], "req-123", "echoed");
+    let ready: Value = resp.json().await.unwrap();
+    assert_eq!(ready, json!({ "postgres": "ok", "nats": "ok" }));
+
+    app.post("/no/such/path/HSO123", &json!({}), None).await;
+    app.post("/usercenter/v1/user/detail", &json!({}), None).await;
+    let metrics = app.http.get(url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(
+        metrics.contains(
+            r#"paystream_http_requests_total{method="POST",route="/usercenter/v1/user/detail",status_class="4xx"}"#
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"route="unmatched""#));
+    assert!(!metrics.contains("HSO123"), "raw paths never become labels");
+    assert!(metrics.contains("paystream_http_request_duration_seconds_bucket"));
+
+    let doc: Value = app.http.get(url("/openapi.json")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(doc["openapi"], "3.0.3");
+    for path in [
+        "/usercenter/v1/user/wxMiniAuth",
+        "/order/v1/homestayOrder/createHomestayOrder",
+        "/payment/v1/thirdPayment/thirdPaymentWxPay",
+        "/payment/v1/thirdPayment/thirdPaymentWxPayStatus",
+        ingress::CALLBACK_PATH,
+    ] {
+        assert!(doc["paths"][path].is_object(), "{path} documented");
+    }
+
+    app.stop().await.expect("the server stops cleanly");
+    assert!(app.http.get(url("/healthz")).send().await.is_err(), "no longer listening");
+}
+
+/// POSTs `body` with `Transfer-Encoding: chunked` over a raw connection; returns the status and the JSON body.
+async fn chunked_post(base: &str, path: &str, token: &str, body: &[u8]) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let addr = base.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    for chunk in body.chunks(8 * 1024) {
+        // The server may answer and close before the whole body is sent.
+        if s.write_all(format!("{:x}\r\n", chunk.len()).as_bytes()).await.is_err()
+            || s.write_all(chunk).await.is_err()
+            || s.write_all(b"\r\n").await.is_err()
+        {
+            break;
+        }
+    }
+    let _ = s.write_all(b"0\r\n\r\n").await;
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw).await;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status: u16 =
+        text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("no status: {text}"));
+    let (headers, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let json_text = if headers.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        // One chunk: "<len>\r\n<json>\r\n0\r\n\r\n".
+        rest.split("\r\n").nth(1).unwrap_or_default().to_owned()
+    } else {
+        rest.to_owned()
+    };
+    (status, serde_json::from_str(&json_text).unwrap_or_else(|_| panic!("not JSON: {text}")))
+}

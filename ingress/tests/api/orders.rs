@@ -1,0 +1,125 @@
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::common::{spawn_app, tomorrow};
+
+const CREATE: &str = "/order/v1/homestayOrder/createHomestayOrder";
+const LIST: &str = "/order/v1/homestayOrder/userHomestayOrderList";
+const DETAIL: &str = "/order/v1/homestayOrder/userHomestayOrderDetail";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_prices_in_fen_and_refuses_every_broken_rule() {
+    let app = spawn_app().await;
+    let token = app.wx_login("alice").await;
+    let listed = app.homestay(true, 3, 20_000, 1_500).await;
+    let unlisted = app.homestay(false, 3, 20_000, 0).await;
+
+    let sn = app.order(&token, listed, 2, 3, true).await;
+    let d = app.ok(DETAIL, &json!({ "sn": sn }), Some(&token)).await;
+    assert_eq!(d["homestayTotalPrice"], 40_000, "{d}");
+    assert_eq!(d["foodTotalPrice"], 1_500 * 3 * 2);
+    assert_eq!(d["orderTotalPrice"], 40_000 + 9_000);
+    assert_eq!(d["tradeState"], 0);
+    assert_eq!(d["payTime"], 0);
+    assert_eq!(d["tradeCode"].as_str().unwrap().len(), 8);
+    let deadline = d["payDeadline"].as_i64().unwrap() - d["createTime"].as_i64().unwrap();
+    assert!((1799..=1801).contains(&deadline), "30 minutes to pay, got {deadline}s");
+    let no_food = app.order(&token, listed, 1, 1, false).await;
+    let d = app.ok(DETAIL, &json!({ "sn": no_food }), Some(&token)).await;
+    assert_eq!((d["orderTotalPrice"].as_i64(), d["foodTotalPrice"].as_i64()), (Some(20_000), Some(0)));
+
+    let start = tomorrow();
+    let body = |homestay: i64, s: i64, e: i64, people: i64| json!({ "homestayId": homestay, "isFood": false, "liveStartTime": s, "liveEndTime": e, "livePeopleNum": people, "remark": "" });
+    let cases = [
+        (body(999_999, start, start + 86400, 1), StatusCode::NOT_FOUND, "homestay not found"),
+        (body(unlisted, start, start + 86400, 1), StatusCode::UNPROCESSABLE_ENTITY, "not open for booking"),
+        (body(listed, start, start + 86400, 4), StatusCode::UNPROCESSABLE_ENTITY, "between 1 and 3"),
+        (body(listed, start, start + 86400, 0), StatusCode::UNPROCESSABLE_ENTITY, "between 1 and 3"),
+        (body(listed, start, start, 1), StatusCode::UNPROCESSABLE_ENTITY, "after liveStartTime"),
+        (body(listed, start + 86400, start, 1), StatusCode::UNPROCESSABLE_ENTITY, "after liveStartTime"),
+        (body(listed, start, start + 86400 + 3600, 1), StatusCode::UNPROCESSABLE_ENTITY, "whole nights"),
+        (body(listed, start - 3 * 86400, start - 2 * 86400, 1), StatusCode::UNPROCESSABLE_ENTITY, "in the past"),
+    ];
+    for (req, status, msg) in cases {
+        let (got, b) = app.post(CREATE, &req, Some(&token)).await;
+        assert_eq!(got, status, "{req} -> {b}");
+        assert!(b["msg"].as_str().unwrap().contains(msg), "{req} -> {b}");
+    }
+    let (status, _) = app.post(CREATE, &body(listed, start, start + 86400, 1), None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_page_newest_first_filter_by_state_and_users_see_only_their_own() {
+    let app = spawn_app().await;
+    let alice = app.wx_login("alice").await;
+    let bob = app.wx_login("bob").await;
+    let h = app.homestay(true, 2, 10_000, 0).await;
+    let mut mine = Vec::new();
+    for _ in 0..5 {
+        mine.push(app.order(&alice, h, 1, 1, false).await);
+    }
+    let bobs = app.order(&bob, h, 1, 1, false).await;
+
+    let page1 = app.ok(LIST, &json!({ "pageSize": 2 }), Some(&alice)).await["list"].clone();
+    let sns = |page: &serde_json::Value| {
+        page.as_array().unwrap().iter().map(|o| o["sn"].as_str().unwrap().to_owned()).collect::<Vec<_>>()
+    };
+    assert_eq!(sns(&page1), vec![mine[4].clone(), mine[3].clone()]);
+    let last = page1[1]["id"].as_i64().unwrap();
+    let page2 = app.ok(LIST, &json!({ "lastId": last, "pageSize": 2 }), Some(&alice)).await["list"].clone();
+    assert_eq!(sns(&page2), vec![mine[2].clone(), mine[1].clone()]);
+    let last = page2[1]["id"].as_i64().unwrap();
+    let page3 = app.ok(LIST, &json!({ "lastId": last, "pageSize": 2 }), Some(&alice)).await["list"].clone();
+    assert_eq!(sns(&page3), vec![mine[0].clone()]);
+    let all = app.ok(LIST, &json!({}), Some(&alice)).await["list"].clone();
+    assert_eq!(all.as_array().unwrap().len(), 5, "default page size 10, and none of bob's");
+
+    // Filter by state: mark one paid directly in the database.
+    let paid = storage::OrderSn::parse(&mine[2]).unwrap();
+    storage::orders::transition(
+        &mut *app.conn().await,
+        &paid,
+        storage::TradeState::WaitPay,
+        storage::TradeState::WaitUse,
+    )
+    .await
+    .unwrap();
+    let waiting_use = app.ok(LIST, &json!({ "tradeState": 1 }), Some(&alice)).await["list"].clone();
+    assert_eq!(sns(&waiting_use), vec![mine[2].clone()]);
+    for bad in [json!({ "pageSize": 0 }), json!({ "pageSize": 51 }), json!({ "tradeState": 7 })] {
+        let (status, b) = app.post(LIST, &bad, Some(&alice)).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{bad} -> {b}");
+    }
+
+    // Bob cannot see alice's order, nor learn that it exists.
+    let (status, b) = app.post(DETAIL, &json!({ "sn": mine[0] }), Some(&bob)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{b}");
+    let (status, unknown) = app.post(DETAIL, &json!({ "sn": "HSO20260101000000012345678" }), Some(&bob)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(b, unknown, "someone else's order looks exactly like one that does not exist");
+    let bob_list = app.ok(LIST, &json!({}), Some(&bob)).await["list"].clone();
+    assert_eq!(sns(&bob_list), vec![bobs]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_inserts_demo_homestays_once() {
+    let app = spawn_app().await;
+    let mut conn = app.conn().await;
+    let first = ingress::seed(&mut conn).await.unwrap();
+    assert!(first >= 2);
+    assert_eq!(ingress::seed(&mut conn).await.unwrap(), 0, "idempotent");
+    drop(conn);
+    let token = app.wx_login("erin").await;
+    // The first demo homestay is listed and bookable; the unlisted one is refused.
+    app.order(&token, 1, 1, 1, true).await;
+    let start = tomorrow();
+    let (status, _) = app
+        .post(
+            CREATE,
+            &json!({ "homestayId": first as i64, "liveStartTime": start, "liveEndTime": start + 86400, "livePeopleNum": 1 }),
+            Some(&token),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "the last demo homestay is unlisted");
+}
