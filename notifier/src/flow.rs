@@ -70,6 +70,7 @@ impl<C: Channel> Handler for NotifyHandler<C> {
     type Event = C::Event;
 
     async fn handle(&self, event: Envelope<C::Event>, delivery: &Delivery) -> Result<Handled, HandlerError> {
+        let started = tokio::time::Instant::now();
         let channel = C::NAME;
         let req = C::request(&event.payload);
         let key = req.key(channel);
@@ -101,7 +102,17 @@ impl<C: Channel> Handler for NotifyHandler<C> {
             }
         };
 
-        let outcome = self.channel.attempt(&self.shared, req).await;
+        // Stop waiting for the provider at three quarters of the handler timeout, leaving the rest to record the
+        // outcome: a slow provider then ends as `retrying` and comes back after the backoff, instead of the runner
+        // abandoning the handler with the claim still held (which would delay the retry by a whole lease).
+        let deadline = started + self.shared.lease.mul_f64(0.75);
+        let outcome = match tokio::time::timeout_at(deadline, self.channel.attempt(&self.shared, req)).await {
+            Ok(o) => o,
+            Err(_) => Outcome::Transient(format!(
+                "no answer within {:?} (three quarters of consumer.handler_timeout)",
+                self.shared.lease.mul_f64(0.75)
+            )),
+        };
 
         let last_delivery = delivery.delivered >= self.shared.max_deliver;
         let (status, result) = match &outcome {

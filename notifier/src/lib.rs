@@ -18,7 +18,8 @@
 //!    handler crashed or was abandoned), is taken over; a final key (`sent`, `refused_by_user`, `invalid`,
 //!    `suppressed`, `failed`) is acknowledged as a duplicate without sending; a key claimed within the lease is
 //!    nak'ed (another worker may be sending it right now);
-//! 2. makes **one** provider call, without holding a database connection;
+//! 2. makes **one** provider call, without holding a database connection, and stops waiting for it at three
+//!    quarters of the handler timeout (then `retrying`), so a slow provider never leaves a claim to run out;
 //! 3. **records** the outcome, fenced by the claim's attempt number.
 //!
 //! **The one window for a second message**: the process dies (or the database is unreachable for the few

@@ -299,3 +299,27 @@ async fn the_last_delivery_of_a_failing_message_is_recorded_failed_and_can_be_re
     assert_eq!(env.messages_to(&openid).await.len(), 1);
     env.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_provider_slower_than_the_handler_allows_is_retried_without_waiting_for_the_lease() {
+    let mut env = Env::new().await;
+    let (user, openid) = env.user("ivy:1", None).await;
+    // One call hangs longer than the whole handler timeout (3 s in these tests).
+    let slow = Fault::Latency { api: Api::SubscribeSend, ms: 4_000, times: Some(1) };
+    env.sandbox.control().fault(&slow).await.unwrap();
+    env.start(notifier_config("formal", ""));
+    let sn = order_sn();
+    let req = request(PaySuccess, user, &sn);
+    let started = std::time::Instant::now();
+    env.publisher.publish(&MiniprogramNotify(req.clone()).envelope()).await.unwrap();
+
+    // The handler gives up on the call at three quarters of its timeout, records `retrying`, and the next
+    // delivery sends at once: no claim is left to run out.
+    let row = env.wait_status(&req.key("miniprogram"), "sent").await;
+    assert_eq!(row.attempts, 2);
+    assert!(started.elapsed() < consumer_config().handler_timeout * 2, "took {:?}", started.elapsed());
+    env.settled(MINIPROGRAM_CONSUMER).await;
+    // The abandoned call may still have reached WeChat: that is the documented window for a second message.
+    assert!(!env.messages_to(&openid).await.is_empty());
+    env.stop().await.unwrap();
+}
