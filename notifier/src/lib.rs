@@ -22,12 +22,12 @@
 //!    quarters of the handler timeout (then `retrying`), so a slow provider never leaves a claim to run out;
 //! 3. **records** the outcome, fenced by the claim's attempt number.
 //!
-//! **The one window for a second message**: the process dies (or the database is unreachable for the few
-//! retries of the outcome write) after WeChat or Tencent accepted the message but before step 3 commits. The row
-//! stays `claimed`; after the lease the redelivered message takes it over and sends again. The window is one
-//! HTTP response plus one UPDATE; WeChat's subscribe-message API takes no idempotency key, so it cannot be closed
-//! on our side. Sending *before* claiming, or claiming in the same transaction as the send, would instead risk
-//! sending on every replay.
+//! **The one window for a second message** is the single provider call: WeChat or Tencent accepted the message,
+//! but its answer never made it into step 3 — the process died, the call timed out (in the client or at the
+//! deadline above) after the provider had acted, or the database stayed unreachable through the few retries of
+//! the outcome write. The row is then `claimed` or `retrying`, and the next delivery sends again. The window is
+//! one HTTP exchange plus one UPDATE; neither API takes an idempotency key, so it cannot be closed on our side.
+//! Claiming after sending, or in the same transaction as the send, would instead risk a message on every replay.
 //!
 //! # Outcomes
 //!
