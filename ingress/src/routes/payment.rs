@@ -142,7 +142,17 @@ pub async fn prepay(
     let mut prepay_req =
         pay.new_prepay_request(truncate_chars(&order.title, 127), payment.sn.clone(), payment.pay_total, openid);
     prepay_req.time_expire = Some(time_expire(order.pay_deadline));
-    let answer = pay.prepay_jsapi(&prepay_req).await.map_err(prepay_error)?;
+    let answer = match pay.prepay_jsapi(&prepay_req).await {
+        Ok(a) => a,
+        Err(e) => {
+            // WeChat knows more than our database (a lost callback, a close): feed what it says into the pipeline,
+            // so the payment and the order catch up without waiting for reconciliation.
+            if matches!(e.code(), Some("ORDERPAID" | "ORDER_CLOSED")) {
+                ask_wechat(&state, &payment.sn).await;
+            }
+            return Err(prepay_error(e));
+        }
+    };
     {
         let mut conn = state.conn().await?;
         // false: the payment stopped waiting meanwhile (a callback arrived); the params are still valid for WeChat,

@@ -105,6 +105,25 @@ impl Forge {
         .unwrap()
     }
 
+    fn refund_body(&self, app: &TestApp) -> Vec<u8> {
+        let notice = json!({
+            "mchid": app.wechat.mchid, "out_trade_no": "PMT20261127100000000000009",
+            "transaction_id": "4200000000202611270000000009", "out_refund_no": "RFD20261127100000000000009",
+            "refund_id": "50000000002026112700000000009", "refund_status": "SUCCESS",
+            "success_time": "2026-11-27T10:05:00+08:00", "user_received_account": "支付用户零钱",
+            "amount": { "total": 100, "refund": 100, "payer_total": 100, "payer_refund": 100 }
+        });
+        let nonce = &nonce_str()[..12];
+        let ciphertext = encrypt_resource(&self.apiv3, nonce, "refund", &serde_json::to_vec(&notice).unwrap()).unwrap();
+        serde_json::to_vec(&json!({
+            "id": uuid::Uuid::new_v4().to_string(), "create_time": "2026-11-27T10:05:01+08:00",
+            "event_type": "REFUND.SUCCESS", "resource_type": "encrypt-resource", "summary": "退款成功",
+            "resource": { "original_type": "refund", "algorithm": "AEAD_AES_256_GCM", "ciphertext": ciphertext,
+                          "associated_data": "refund", "nonce": nonce }
+        }))
+        .unwrap()
+    }
+
     fn headers(&self, signer: &RsaSigner, ts: i64, body: &[u8]) -> Headers {
         let nonce = nonce_str();
         vec![
@@ -168,6 +187,13 @@ async fn forged_tampered_stale_probe_and_undecryptable_callbacks_are_refused_and
     for outcome in ["bad_signature", "stale", "probe", "undecryptable", "malformed"] {
         assert!(metrics.contains(&format!("paystream_callbacks_total{{outcome=\"{outcome}\"}}")), "{outcome}");
     }
+
+    // A refund notice cannot be stored as an event yet: 503 so that WeChat keeps it and retries.
+    let refund = forge.refund_body(&app);
+    let (status, answer) = send(&app, &forge.headers(&forge.platform, now, &refund), refund).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    assert_eq!(answer["code"], "FAIL");
+    assert_eq!(app.events().await.len(), 1);
 
     // Oversized bodies get WeChat's body shape too.
     let (status, answer) = send(&app, &[], vec![b' '; 100 * 1024]).await;

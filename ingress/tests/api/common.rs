@@ -27,11 +27,19 @@ pub struct Options {
     pub nats_url: Option<String>,
     pub status_grace: Duration,
     pub body_limit: usize,
+    pub request_timeout: Duration,
+    pub cors: Vec<String>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { nats_url: None, status_grace: Duration::from_secs(10), body_limit: 64 * 1024 }
+        Options {
+            nats_url: None,
+            status_grace: Duration::from_secs(10),
+            body_limit: 64 * 1024,
+            request_timeout: Duration::from_secs(10),
+            cors: Vec::new(),
+        }
     }
 }
 
@@ -95,6 +103,8 @@ pub async fn spawn_app_with(opts: Options) -> TestApp {
     config.status_grace = opts.status_grace;
     config.status_query_interval = Duration::from_millis(100);
     config.body_limit_bytes = opts.body_limit;
+    config.request_timeout = opts.request_timeout;
+    config.cors_allowed_origins = opts.cors;
     config.validate().unwrap();
     let deps = Deps { pool: pool.clone(), publisher, pay, mini, wechat: wechat.clone(), config };
     let shutdown = CancellationToken::new();

@@ -1,7 +1,9 @@
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::common::spawn_app;
+use std::time::Duration;
+
+use crate::common::{Options, spawn_app, spawn_app_with};
 
 const CREATE: &str = "/order/v1/homestayOrder/createHomestayOrder";
 
@@ -137,4 +139,35 @@ async fn chunked_post(base: &str, path: &str, token: &str, body: &[u8]) -> (u16,
         rest.to_owned()
     };
     (status, serde_json::from_str(&json_text).unwrap_or_else(|_| panic!("not JSON: {text}")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_allows_only_configured_origins_and_slow_requests_time_out_with_json() {
+    let app = spawn_app_with(Options {
+        cors: vec!["https://shop.example.com".into()],
+        request_timeout: Duration::from_millis(500),
+        ..Default::default()
+    })
+    .await;
+    let preflight = |origin: &'static str| {
+        app.http
+            .request(reqwest::Method::OPTIONS, format!("{}{CREATE}", app.base))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "authorization,content-type")
+            .send()
+    };
+    let ok = preflight("https://shop.example.com").await.unwrap();
+    assert_eq!(ok.headers()["access-control-allow-origin"], "https://shop.example.com");
+    let other = preflight("https://evil.example.com").await.unwrap();
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+
+    // WeChat answers slower than the request timeout: 503 with the envelope's error body.
+    let alice = app.wx_login("alice").await;
+    let h = app.homestay(true, 2, 100, 0).await;
+    let sn = app.order(&alice, h, 1, 1, false).await;
+    app.control.fault(&sandbox::Fault::Latency { api: sandbox::Api::Jsapi, ms: 2_000, times: Some(1) }).await.unwrap();
+    let (status, body) = app.prepay(&alice, &sn).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["code"], 50301, "{body}");
 }

@@ -170,3 +170,36 @@ async fn status_reads_the_database_and_past_the_grace_reports_what_wechat_says()
     let events = app.events().await;
     assert!(events.iter().all(|e| e.id == event.id), "same fact, same event id");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wechat_failures_are_502_with_a_readable_message_and_retrying_works() {
+    let app = spawn_app().await;
+    let alice = app.wx_login("alice").await;
+    let h = app.homestay(true, 2, 300, 0).await;
+    let sn = app.order(&alice, h, 1, 1, false).await;
+    let fail = sandbox::Fault::Fail {
+        api: sandbox::Api::Jsapi,
+        times: 1,
+        status: Some(500),
+        code: Some("SYSTEM_ERROR".into()),
+        message: Some("系统繁忙".into()),
+        errcode: None,
+    };
+    app.control.fault(&fail).await.unwrap();
+    let (status, body) = app.prepay(&alice, &sn).await;
+    assert_eq!((status, body["code"].as_i64()), (StatusCode::BAD_GATEWAY, Some(50200)), "{body}");
+    assert!(body["msg"].as_str().unwrap().contains("try again"), "{body}");
+    let (status, body) = app.prepay(&alice, &sn).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    // Closed at WeChat (the user gave up, the order was closed there): the order can no longer be paid.
+    let pay_sn = body["data"]["paySn"].as_str().unwrap().to_owned();
+    app.control.pay(&pay_sn, "CLOSED").await.unwrap();
+    let (status, body) = app.prepay(&alice, &sn).await;
+    assert_eq!((status, body["code"].as_i64()), (StatusCode::CONFLICT, Some(40903)), "{body}");
+    // ...and what WeChat said went into the pipeline, so the payment gets closed by the processors.
+    let events = app.events().await;
+    assert_eq!(events.len(), 1);
+    assert_eq!((events[0].payload.source, events[0].payload.trade_state.as_str()), (ReportSource::Query, "CLOSED"));
+    assert_eq!(events[0].payload.out_trade_no, pay_sn);
+}
