@@ -323,3 +323,33 @@ async fn a_provider_slower_than_the_handler_allows_is_retried_without_waiting_fo
     assert!(!env.messages_to(&openid).await.is_empty());
     env.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_replicas_with_every_request_three_times_send_each_message_once() {
+    let mut env = Env::new().await;
+    let (user, openid) = env.user("judy:1", None).await;
+    env.start(notifier_config("formal", ""));
+    let replica = tokio_util::sync::CancellationToken::new();
+    let other = env.spawn_replica(notifier_config("formal", ""), replica.clone());
+    let orders: Vec<_> = (0..20).map(|_| order_sn()).collect();
+    for _ in 0..3 {
+        for sn in &orders {
+            env.publisher.publish(&Envelope::new(MiniprogramNotify(request(PaySuccess, user, sn)))).await.unwrap();
+        }
+    }
+
+    for sn in &orders {
+        let row = env.wait_status(&format!("{sn}:pay_success:miniprogram"), "sent").await;
+        assert_eq!(row.attempts, 1);
+    }
+    env.settled(MINIPROGRAM_CONSUMER).await;
+    let messages = env.messages_to(&openid).await;
+    assert_eq!(messages.len(), orders.len(), "one message per order across both replicas");
+    let mut sns: Vec<String> = messages.iter().map(|m| value(&m.data, "character_string6")).collect();
+    sns.sort();
+    sns.dedup();
+    assert_eq!(sns.len(), orders.len());
+    replica.cancel();
+    other.await.unwrap().unwrap();
+    env.stop().await.unwrap();
+}

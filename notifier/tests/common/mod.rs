@@ -123,6 +123,24 @@ impl Env {
         self.running = Some((token, task));
     }
 
+    /// Starts one more notifier process-alike on the same consumers (another replica), stopped with `token`.
+    pub fn spawn_replica(
+        &self,
+        config: NotifierConfig,
+        token: CancellationToken,
+    ) -> JoinHandle<Result<(), notifier::NotifierError>> {
+        let deps = notifier::NotifierDeps {
+            config,
+            consumer: consumer_config(),
+            pool: self.pool.clone(),
+            publisher: self.publisher.clone(),
+            // A client of its own, as another process would have.
+            miniprogram: MiniProgramClient::from_config(&self.wechat).unwrap(),
+            sms: Some(SmsClient::from_config(&self.sms).unwrap()),
+        };
+        tokio::spawn(notifier::run(deps, token))
+    }
+
     /// Stops the notifier gracefully and returns how its run ended.
     pub async fn stop(&mut self) -> Result<(), notifier::NotifierError> {
         let (token, task) = self.running.take().expect("notifier running");
