@@ -32,7 +32,7 @@ pub enum ApiError {
     NotFound(&'static str),
     #[error("{msg}")]
     Conflict { code: u32, msg: String },
-    #[error("too many requests, try again later")]
+    #[error("too many attempts, try again in a few minutes")]
     RateLimited,
     /// WeChat failed or refused; `retryable` says whether the same call may work later.
     #[error("{msg}")]

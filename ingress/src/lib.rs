@@ -68,6 +68,7 @@ pub(crate) struct Inner {
     pub tokens: auth::Tokens,
     pub reader: wechat::NotificationReader,
     pub status_limiter: routes::payment::QueryLimiter,
+    pub login_throttle: routes::user::LoginThrottle,
 }
 
 impl std::ops::Deref for AppState {
@@ -91,6 +92,7 @@ pub fn router(deps: Deps) -> Router {
         tokens: auth::Tokens::new(&cfg.jwt_secret, cfg.jwt_ttl),
         reader: deps.pay.notification_reader(),
         status_limiter: routes::payment::QueryLimiter::new(cfg.status_query_interval),
+        login_throttle: routes::user::LoginThrottle::new(),
         deps,
     }));
 

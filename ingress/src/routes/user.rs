@@ -1,8 +1,13 @@
 //! `/usercenter/v1/user/*`: register, log in with a password or with WeChat, read one's own details.
 
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
 use axum::extract::State;
 use serde::{Deserialize, Serialize};
 use storage::{AsyncConnection as _, AuthType, StorageError, users};
+use tokio::sync::Semaphore;
 
 use crate::auth::{self, AuthUser, TokenAnswer};
 use crate::error::{ApiError, ApiJson, ApiResult, AuthProblem, Data, conflict};
@@ -31,9 +36,52 @@ fn check_mobile(mobile: &str) -> Result<(), ApiError> {
     }
 }
 
-/// Runs argon2 off the async threads: it takes tens of milliseconds of CPU on purpose.
+/// Runs argon2 off the async threads: it takes tens of milliseconds of CPU and 19 MiB of memory on purpose, so at
+/// most one hash per core runs at a time (a burst of logins must not take the process past its memory budget).
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+    static SLOTS: OnceLock<Semaphore> = OnceLock::new();
+    let slots = SLOTS.get_or_init(|| Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())));
+    let _slot = slots.acquire().await.map_err(|e| ApiError::Internal(format!("password slots closed: {e}")))?;
     tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::Internal(format!("password task failed: {e}")))
+}
+
+/// Failed password logins per mobile number: after `MAX_FAILURES` within `WINDOW`, that number is refused (429)
+/// until the window ends, which makes guessing a password by brute force impractical.
+pub struct LoginThrottle {
+    failures: Mutex<HashMap<String, (Instant, u32)>>,
+}
+
+const MAX_FAILURES: u32 = 5;
+const WINDOW: Duration = Duration::from_secs(300);
+
+impl LoginThrottle {
+    pub fn new() -> Self {
+        LoginThrottle { failures: Mutex::new(HashMap::new()) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, u32)>> {
+        self.failures.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn blocked(&self, mobile: &str) -> bool {
+        self.lock().get(mobile).is_some_and(|(since, n)| *n >= MAX_FAILURES && since.elapsed() < WINDOW)
+    }
+
+    fn failed(&self, mobile: &str) {
+        let mut map = self.lock();
+        if map.len() > 100_000 {
+            map.retain(|_, (since, _)| since.elapsed() < WINDOW);
+        }
+        let entry = map.entry(mobile.to_owned()).or_insert((Instant::now(), 0));
+        if entry.0.elapsed() >= WINDOW {
+            *entry = (Instant::now(), 0);
+        }
+        entry.1 += 1;
+    }
+
+    fn succeeded(&self, mobile: &str) {
+        self.lock().remove(mobile);
+    }
 }
 
 pub async fn register(State(state): State<AppState>, ApiJson(req): ApiJson<Credentials>) -> ApiResult<TokenAnswer> {
@@ -60,6 +108,9 @@ pub async fn register(State(state): State<AppState>, ApiJson(req): ApiJson<Crede
 }
 
 pub async fn login(State(state): State<AppState>, ApiJson(req): ApiJson<Credentials>) -> ApiResult<TokenAnswer> {
+    if state.login_throttle.blocked(&req.mobile) {
+        return Err(ApiError::RateLimited);
+    }
     let user = if check_mobile(&req.mobile).is_ok() {
         let mut conn = state.conn().await?;
         users::find_by_auth(&mut conn, AuthType::System, &req.mobile).await?
@@ -70,8 +121,14 @@ pub async fn login(State(state): State<AppState>, ApiJson(req): ApiJson<Credenti
     let password = req.password;
     let ok = blocking(move || auth::verify_password(&password, hash.as_deref())).await?;
     match user {
-        Some(u) if ok => Ok(Data(state.tokens.issue(u.id(), unix_now())?)),
-        _ => Err(ApiError::Unauthorized(AuthProblem::WrongCredentials)),
+        Some(u) if ok => {
+            state.login_throttle.succeeded(&req.mobile);
+            Ok(Data(state.tokens.issue(u.id(), unix_now())?))
+        }
+        _ => {
+            state.login_throttle.failed(&req.mobile);
+            Err(ApiError::Unauthorized(AuthProblem::WrongCredentials))
+        }
     }
 }
 
