@@ -24,7 +24,7 @@ lint: toolchain
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 test: lint infra
-	$(WITH_INFRA) $(CARGO) test --workspace
+	$(WITH_INFRA) $(CARGO) test --workspace --no-fail-fast
 
 bench: toolchain infra
 	$(CARGO) build -q --release -p paystream

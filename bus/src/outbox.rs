@@ -175,6 +175,8 @@ async fn listen(db_url: SecretString, wake: tokio::sync::mpsc::Sender<()>, shutd
         let result: Result<(), StorageError> = async {
             let mut conn = storage::connect(db_url.expose_secret()).await?;
             diesel::sql_query(format!("LISTEN {}", table::NOTIFY_CHANNEL)).execute(&mut conn).await?;
+            // Anything committed before LISTEN took effect sent its NOTIFY to nobody: drain once now.
+            let _ = wake.try_send(());
             let mut notes = std::pin::pin!(conn.notifications_stream());
             while let Some(n) = notes.next().await {
                 n?;
