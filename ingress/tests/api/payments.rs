@@ -203,3 +203,35 @@ async fn wechat_failures_are_502_with_a_readable_message_and_retrying_works() {
     assert_eq!((events[0].payload.source, events[0].payload.trade_state.as_str()), (ReportSource::Query, "CLOSED"));
     assert_eq!(events[0].payload.out_trade_no, pay_sn);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_leaves_wechat_alone_within_the_grace_and_prepay_refuses_orders_past_their_deadline() {
+    let app = spawn_app().await; // grace 10 s
+    let alice = app.wx_login("alice").await;
+    let h = app.homestay(true, 2, 640, 0).await;
+    let sn = app.order(&alice, h, 1, 1, false).await;
+    let (_, prepay) = app.prepay(&alice, &sn).await;
+    let pay_sn = prepay["data"]["paySn"].as_str().unwrap().to_owned();
+    app.control.fault(&sandbox::Fault::DropCallbacks { out_trade_no: pay_sn.clone() }).await.unwrap();
+    app.control.pay(&pay_sn, "SUCCESS").await.unwrap();
+    for _ in 0..3 {
+        let s = app.ok(STATUS, &json!({ "orderSn": sn }), Some(&alice)).await;
+        assert_eq!(s["payStatus"], 0);
+    }
+    assert!(app.events().await.is_empty(), "just after the prepay the callback is the expected source: no query");
+
+    // An order whose payment deadline has passed cannot be prepaid any more.
+    let late = app.order(&alice, h, 1, 1, false).await;
+    {
+        use diesel::{ExpressionMethods as _, QueryDsl as _};
+        use storage::RunQueryDsl as _;
+        use storage::schema::homestay_order as o;
+        diesel::update(o::table.filter(o::sn.eq(&late)))
+            .set(o::pay_deadline.eq(chrono::Utc::now() - chrono::Duration::minutes(1)))
+            .execute(&mut *app.conn().await)
+            .await
+            .unwrap();
+    }
+    let (status, body) = app.prepay(&alice, &late).await;
+    assert_eq!((status, body["code"].as_i64()), (StatusCode::CONFLICT, Some(40904)), "{body}");
+}
