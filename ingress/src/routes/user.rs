@@ -151,7 +151,7 @@ pub async fn wx_mini_auth(
                 conn.transaction(async |c| users::insert_with_auth(c, &new, AuthType::WxMini, &openid).await).await;
             match created {
                 Ok(u) => {
-                    tracing::info!(user_id = u.id, openid = %session.openid, "user created on first WeChat login");
+                    tracing::info!(user_id = u.id, openid = %observability::Masked(&openid), "user created on first WeChat login");
                     u
                 }
                 // Two first logins raced: the other one created the user, which is the one we want.
