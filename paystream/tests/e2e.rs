@@ -9,6 +9,22 @@ use std::time::Duration;
 use async_nats::jetstream;
 use serde_json::{Value, json};
 
+/// Formal: the sandbox is WeChat here, and formal needs no allow-list of test users.
+const NOTIFIER: &str = r#"
+[notifier]
+miniprogram_state = "formal"
+
+[notifier.templates.pay_success]
+template_id = "TPL_PAY_SUCCESS"
+page = "pages/order/detail?sn={order_sn}"
+fields = { character_string6 = "order_sn", thing1 = "title", amount2 = "amount", time4 = "live_start", time5 = "live_end" }
+
+[notifier.templates.checkin_notice]
+template_id = "TPL_CHECKIN"
+page = "pages/order/detail?sn={order_sn}"
+fields = { thing1 = "title", date2 = "live_period", character_string3 = "trade_code", number4 = "live_people_num" }
+"#;
+
 struct System {
     _db: testkit::TestDb,
     dir: PathBuf,
@@ -58,10 +74,14 @@ impl System {
         BufReader::new(sandbox.stdout.take().unwrap()).read_line(&mut first).unwrap();
         let sandbox_url = first.trim().rsplit(' ').next().unwrap().to_owned();
 
+        // The sandbox's configuration (rewritten with its bound address before it printed it) plus a notifier.
+        let config = dir.join("all.toml");
+        let sandbox_toml = std::fs::read_to_string(dir.join("paystream.toml")).unwrap();
+        std::fs::write(&config, format!("{sandbox_toml}\n{NOTIFIER}")).unwrap();
         let prefix = testkit::unique("e2e");
         let all = paystream()
             .arg("--config")
-            .arg(dir.join("paystream.toml"))
+            .arg(&config)
             .arg("all")
             .env("PAYSTREAM__DATABASE__URL", &db.url)
             .env("PAYSTREAM__NATS__URL", testkit::nats_url())
@@ -174,7 +194,7 @@ async fn the_demo_walk_passes_against_the_running_binaries() {
     let sys = System::start().await;
     let out = paystream()
         .arg("--config")
-        .arg(sys.dir.join("paystream.toml"))
+        .arg(sys.dir.join("all.toml"))
         .args(["demo", "--api", &sys.api, "--sandbox", &sys.sandbox])
         .env("PAYSTREAM__DATABASE__URL", &sys._db.url)
         .output()
@@ -199,6 +219,25 @@ async fn duplicate_callbacks_change_the_order_once_and_other_users_see_nothing()
     })
     .await;
     assert_eq!(sys.count("PAYMENT", "payment.status").await, 1, "one state change for six deliveries");
+    let delivered = testkit::eventually(Duration::from_secs(20), "two messages at WeChat", || async {
+        let all: Value = sys
+            .http
+            .get(format!("{}/sandbox/v1/subscribe-messages", sys.sandbox))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let mine: Vec<Value> =
+            all["data"].as_array()?.iter().filter(|m| m.to_string().contains(&order)).cloned().collect();
+        (mine.len() >= 2).then_some(mine)
+    })
+    .await;
+    let mut templates: Vec<&str> = delivered.iter().map(|m| m["template_id"].as_str().unwrap()).collect();
+    templates.sort();
+    assert_eq!(templates, ["TPL_CHECKIN", "TPL_PAY_SUCCESS"], "one of each, not one per callback");
+    assert!(delivered.iter().all(|m| m["miniprogram_state"] == "formal"), "state from config: {delivered:?}");
     assert_eq!(sys.count("ORDER", "order.status").await, 1);
 
     // paying a paid order again is refused; another user cannot see, pay or poll it
