@@ -36,7 +36,8 @@ impl Default for NatsConfig {
             duplicate_window: Duration::from_secs(120),
             max_age: Duration::from_secs(7 * 24 * 3600),
             dlq_max_age: Duration::from_secs(30 * 24 * 3600),
-            request_timeout: Duration::from_secs(5),
+            // Under the callback's 4 s budget: WeChat must get an answer within 5 s, and a FAIL lets it retry.
+            request_timeout: Duration::from_secs(3),
         }
     }
 }
