@@ -7,7 +7,7 @@ CARGO ?= cargo
 # Tests and tools read the infrastructure's addresses from here (written by scripts/infra.sh up).
 WITH_INFRA := set -a; source .run/infra.env; set +a;
 
-.PHONY: demo test lint infra infra-down bench toolchain
+.PHONY: demo test lint infra infra-down bench bench-pipeline toolchain
 
 toolchain:
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs) and retry" >&2; exit 1; }
@@ -29,6 +29,10 @@ test: lint infra
 bench: toolchain infra
 	$(CARGO) build -q --release -p paystream
 	$(WITH_INFRA) PAYSTREAM__TELEMETRY__LOG_FILTER=warn target/release/paystream bench bus
+
+bench-pipeline: toolchain infra
+	$(CARGO) build -q --release -p paystream
+	PAYSTREAM_BIN=target/release/paystream scripts/demo.sh bench
 
 infra-down:
 	@scripts/infra.sh down

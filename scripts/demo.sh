@@ -5,6 +5,7 @@
 #   3. `paystream all` (ingress, processors, relay, notifier) configured by the sandbox's paystream.toml
 #   4. `paystream demo`: log in, book, prepay, the sandbox pays, poll until paid; prints every step and its time
 # Everything started here is stopped on exit. Exit status is the demo's.
+# `scripts/demo.sh bench [--users N --concurrency C]` runs `paystream bench pipeline` instead of the demo walk.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 run="$root/.run"
@@ -69,4 +70,9 @@ until curl -fsS "http://127.0.0.1:$admin_port/readyz" >/dev/null 2>&1; do
 done
 echo "paystream all ready: API on http://127.0.0.1:$http_port, admin on http://127.0.0.1:$admin_port"
 
-"$bin" --config "$config" demo --api "http://127.0.0.1:$http_port" --sandbox "$sandbox_url"
+if [[ ${1:-} == bench ]]; then
+  shift
+  "$bin" --config "$config" bench pipeline --api "http://127.0.0.1:$http_port" --sandbox "$sandbox_url" "$@"
+else
+  "$bin" --config "$config" demo --api "http://127.0.0.1:$http_port" --sandbox "$sandbox_url"
+fi

@@ -110,6 +110,13 @@ app_db() {
 up() {
   command -v python3 >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 python3-pip >/dev/null 2>&1 \
     || die "python3 is missing and could not be installed"
+  # The sandbox's "foreign client" test is a merchant written in Python with `cryptography` only.
+  local pythonpath=""
+  if ! python3 -c 'import cryptography' 2>/dev/null; then
+    [[ -d $run/tools/cryptography ]] || PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check \
+      --target "$run/tools" cryptography || die "pip install cryptography failed"
+    pythonpath="$run/tools"
+  fi
   local nats pg bin app
   bin=$(nats_bin)
   nats=$(nats_up)
@@ -121,7 +128,9 @@ DATABASE_URL=$pg
 NATS_SERVER_BIN=$bin
 PAYSTREAM__DATABASE__URL=$app
 PAYSTREAM__NATS__URL=$nats
+SANDBOX_REQUIRE_PYTHON=1
 ENV
+  [[ -z $pythonpath ]] || echo "PYTHONPATH=$pythonpath" >>"$run/infra.env"
   log "ready: .run/infra.env"
 }
 

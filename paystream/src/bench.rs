@@ -26,11 +26,28 @@ pub enum Which {
         #[arg(long, default_value_t = 8)]
         writers: usize,
     },
+    /// N users through login → order → prepay → pay → paid against a running system (`make bench-pipeline`).
+    Pipeline {
+        #[arg(long, default_value_t = 500)]
+        users: usize,
+        /// Users in flight at once.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// paystream's HTTP API.
+        #[arg(long)]
+        api: String,
+        /// The WeChat sandbox.
+        #[arg(long)]
+        sandbox: String,
+    },
 }
 
 pub async fn run(cfg: &Config, which: Which) -> anyhow::Result<()> {
     match which {
         Which::Bus { events, writers } => bus_bench(cfg, events, writers.max(1)).await,
+        Which::Pipeline { users, concurrency, api, sandbox } => {
+            crate::bench_pipeline::run(cfg, users, concurrency.max(1), &api, &sandbox).await
+        }
     }
 }
 
@@ -49,13 +66,13 @@ impl Event for BenchEvent {
     }
 }
 
-struct Figures {
-    per_second: f64,
-    p50_ms: f64,
-    p99_ms: f64,
+pub(crate) struct Figures {
+    pub per_second: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
 }
 
-fn figures(mut latencies: Vec<f64>, elapsed: Duration) -> Figures {
+pub(crate) fn figures(mut latencies: Vec<f64>, elapsed: Duration) -> Figures {
     latencies.sort_by(f64::total_cmp);
     let pick = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q).round() as usize] * 1000.0;
     Figures { per_second: latencies.len() as f64 / elapsed.as_secs_f64(), p50_ms: pick(0.5), p99_ms: pick(0.99) }
@@ -96,7 +113,7 @@ async fn bus_bench(cfg: &Config, events: usize, writers: usize) -> anyhow::Resul
 }
 
 /// Writers publish with an awaited PubAck each; one pull consumer acks each message.
-async fn raw_round_trip(
+pub(crate) async fn raw_round_trip(
     js: &jetstream::Context,
     t: &Topology,
     events: usize,

@@ -2,6 +2,7 @@
 
 mod admin;
 mod bench;
+mod bench_pipeline;
 mod config;
 mod demo;
 mod roles;
