@@ -8,6 +8,7 @@
 
 mod config;
 mod consumer;
+pub mod dlq;
 mod envelope;
 pub mod events;
 pub mod metrics;
@@ -19,6 +20,7 @@ use std::time::Duration;
 
 pub use config::{ConsumerConfig, NatsConfig, OutboxConfig};
 pub use consumer::{Consumer, ConsumerSpec, Delivery, Handled, Handler, HandlerError};
+pub use dlq::{DeadLetter, DlqError, RedriveAll, RedriveOutcome};
 pub use envelope::{Envelope, Event, derived_id, headers};
 pub use outbox::{Relay, enqueue};
 pub use publisher::Publisher;
