@@ -59,6 +59,7 @@ impl Relay {
 
     /// Publishes one batch: claim, publish with pipelined PubAcks, delete, commit. Returns the rows published.
     pub async fn drain_once(&self) -> Result<usize, BusError> {
+        let started = std::time::Instant::now();
         let mut conn = self.pool.get().await.map_err(StorageError::from)?;
         let (aggs, rows) = (self.cfg.batch_aggregates, self.cfg.batch_rows);
         let publisher = &self.publisher;
@@ -86,6 +87,13 @@ impl Relay {
                 Ok(batch.into_iter().map(|r| r.subject).collect())
             })
             .await?;
+        if !published.is_empty() {
+            tracing::debug!(
+                rows = published.len(),
+                elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+                "outbox batch relayed"
+            );
+        }
         let mut by_subject: std::collections::BTreeMap<&str, u64> = Default::default();
         for s in &published {
             *by_subject.entry(s.as_str()).or_default() += 1;
