@@ -57,8 +57,5 @@ pub fn init(service: &'static str, cfg: &TelemetryConfig) {
 pub fn init_for_tests() {
     let Ok(level) = std::env::var("TEST_LOG") else { return };
     let level = if level.is_empty() || level == "1" { "debug".to_string() } else { level };
-    let _ = tracing_subscriber::registry()
-        .with(EnvFilter::new(level))
-        .with(fmt::layer().with_test_writer())
-        .try_init();
+    let _ = tracing_subscriber::registry().with(EnvFilter::new(level)).with(fmt::layer().with_test_writer()).try_init();
 }
