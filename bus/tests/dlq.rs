@@ -199,6 +199,8 @@ async fn redrive_all_with_a_consumer_filter_only_touches_that_consumers_letters(
     // Both consumers of the subject refuse all three.
     letters(&env, "dlq-a", 3).await;
     let b_before = seqs(&letters(&env, "dlq-b", 3).await);
+    let depth = dlq::depth(&env.js, env.topology()).await.unwrap();
+    assert_eq!(depth.into_iter().collect::<Vec<_>>(), [("dlq-a".to_string(), 3), ("dlq-b".to_string(), 3)]);
 
     a.succeed();
     let report = dlq::redrive_all(&env.publisher, Some("dlq-a")).await.unwrap();
