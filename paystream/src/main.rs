@@ -5,6 +5,7 @@ mod bench;
 mod bench_pipeline;
 mod config;
 mod demo;
+mod dlq_cmd;
 mod roles;
 mod sandbox_cmd;
 
@@ -47,6 +48,8 @@ enum Command {
     Config,
     /// WeChat on loopback (Pay v3, mini-program, SMS) for tests and the demo.
     Sandbox(sandbox_cmd::SandboxArgs),
+    /// List dead letters, or republish them to their subject (consumers are idempotent).
+    Dlq(dlq_cmd::DlqArgs),
     /// Walk one payment through a running system over HTTP and print each step.
     Demo(demo::DemoArgs),
     /// Benchmarks (not tests): figures next to a reference measured in the same run.
@@ -92,6 +95,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate => "migrate",
         Command::Config => "config",
         Command::Demo(_) => "demo",
+        Command::Dlq(_) => "dlq",
         Command::Bench { .. } => "bench",
         Command::Sandbox(_) => unreachable!("handled above"),
     };
@@ -112,6 +116,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo(args) => demo::run(&cfg, args).await,
+        Command::Dlq(args) => dlq_cmd::run(&cfg, args).await,
         Command::Bench { which } => bench::run(&cfg, which).await,
         Command::Sandbox(_) => unreachable!("handled above"),
     }
