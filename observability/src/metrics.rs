@@ -7,7 +7,18 @@ use prometheus::{Encoder, Registry, TextEncoder};
 /// labels only: never an order, user or openid.
 pub fn registry() -> &'static Registry {
     static REGISTRY: OnceLock<Registry> = OnceLock::new();
-    REGISTRY.get_or_init(|| Registry::new_custom(Some("paystream".into()), None).expect("static prefix is valid"))
+    REGISTRY.get_or_init(|| {
+        let registry = Registry::new_custom(Some("paystream".into()), None).expect("static prefix is valid");
+        // `paystream_build_info{version="…"} 1`: lets dashboards show which version each pod runs.
+        let info = prometheus::IntGaugeVec::new(
+            prometheus::Opts::new("build_info", "Always 1; the labels say which build is running"),
+            &["version"],
+        )
+        .expect("valid metric");
+        info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        registry.register(Box::new(info)).expect("registered once");
+        registry
+    })
 }
 
 /// The registry in Prometheus' text exposition format.
@@ -24,4 +35,16 @@ pub fn metrics_router<S: Clone + Send + Sync + 'static>() -> Router<S> {
         "/metrics",
         get(|| async { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], render_metrics()).into_response() }),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn build_info_is_always_exported() {
+        let text = super::render_metrics();
+        assert!(
+            text.contains(&format!("paystream_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))),
+            "{text}"
+        );
+    }
 }
