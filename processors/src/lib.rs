@@ -6,10 +6,12 @@
 mod metrics;
 mod order;
 mod payment;
+pub mod timeout;
 
 pub use metrics::register as register_metrics;
 pub use order::{CONSUMER as ORDER_CONSUMER, OrderProcessor};
 pub use payment::PaymentProcessor;
+pub use timeout::{TimeoutCloser, TimeoutConfig};
 
 /// The durable consumer name of the payment processor.
 pub const PAYMENT_CONSUMER: &str = "payment";

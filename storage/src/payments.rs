@@ -29,6 +29,10 @@ pub struct PaymentRow {
     pub pay_time: Option<DateTime<Utc>>,
     pub prepay_id: Option<String>,
     pub prepay_time: Option<DateTime<Utc>>,
+    /// WeChat queries the reconciler has claimed for this payment.
+    pub reconcile_attempts: i16,
+    /// When the reconciler asks WeChat next (None: never asked yet, or the schedule is used up).
+    pub next_reconcile_time: Option<DateTime<Utc>>,
 }
 
 impl PaymentRow {
@@ -193,4 +197,72 @@ async fn settle_miss(conn: &mut Conn, sn: &PaymentSn, to: PayStatus) -> Result<T
             }
         }
     }
+}
+
+/// A waiting payment the reconciler claimed: ask WeChat about it now.
+#[derive(Debug, Clone, QueryableByName)]
+pub struct ReconcileClaim {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    pub sn: String,
+    #[diesel(sql_type = diesel::sql_types::Timestamptz)]
+    pub prepay_time: DateTime<Utc>,
+    /// Queries claimed so far, this one included.
+    #[diesel(sql_type = diesel::sql_types::SmallInt)]
+    pub reconcile_attempts: i16,
+}
+
+/// Claims up to `batch` waiting payments due for a WeChat query at `now` and schedules their next query, in one
+/// statement (run it in its own short transaction). `schedule_ms` holds the delays after prepay, in
+/// milliseconds, at which a payment is asked about (increasing, not empty).
+///
+/// A payment is due when it was prepaid at WeChat, fewer than `schedule_ms.len()` queries were claimed for it, and
+/// its next query time (never asked: prepay_time + the first delay) has come. Claiming bumps
+/// `reconcile_attempts` and sets `next_reconcile_time` to prepay_time + the following delay (NULL after the last:
+/// the payment then leaves both reconciliation indexes) before anyone asks WeChat, so concurrent reconcilers (`SKIP LOCKED`) never claim the same payment and a
+/// crash between claim and query does not lead to an immediate second query.
+pub async fn claim_for_reconcile(
+    conn: &mut Conn,
+    now: DateTime<Utc>,
+    schedule_ms: &[i64],
+    batch: i64,
+) -> Result<Vec<ReconcileClaim>> {
+    use diesel::sql_types::{Array, BigInt, Integer, Timestamptz};
+    let Some(&first) = schedule_ms.first() else {
+        return Ok(Vec::new());
+    };
+    let claims = diesel::sql_query(
+        "WITH due AS ( \
+           SELECT id FROM third_payment \
+           WHERE pay_status = 0 AND prepay_time IS NOT NULL AND reconcile_attempts < $3 \
+             AND (next_reconcile_time <= $1 \
+                  OR (next_reconcile_time IS NULL AND reconcile_attempts = 0 AND prepay_time <= $1 - make_interval(secs => $4::float8 / 1000))) \
+           ORDER BY coalesce(next_reconcile_time, prepay_time + make_interval(secs => $4::float8 / 1000)), id \
+           LIMIT $5 \
+           FOR UPDATE SKIP LOCKED) \
+         UPDATE third_payment t \
+         SET reconcile_attempts = t.reconcile_attempts + 1, \
+             next_reconcile_time = \
+               t.prepay_time + make_interval(secs => (($2::bigint[])[t.reconcile_attempts + 2])::float8 / 1000) \
+         FROM due WHERE t.id = due.id \
+         RETURNING t.sn, t.prepay_time, t.reconcile_attempts",
+    )
+    .bind::<Timestamptz, _>(now)
+    .bind::<Array<BigInt>, _>(schedule_ms)
+    .bind::<Integer, _>(i32::try_from(schedule_ms.len()).unwrap_or(i32::MAX))
+    .bind::<BigInt, _>(first)
+    .bind::<BigInt, _>(batch)
+    .load(conn)
+    .await?;
+    Ok(claims)
+}
+
+/// Waiting payments prepaid at WeChat at or before `prepaid_before` (the reconciler's "still waiting past the first
+/// delay" gauge).
+pub async fn count_waiting_prepaid_before(conn: &mut Conn, prepaid_before: DateTime<Utc>) -> Result<i64> {
+    Ok(p::table
+        .filter(p::pay_status.eq(PayStatus::Waiting.code()))
+        .filter(p::prepay_time.le(prepaid_before))
+        .count()
+        .get_result(conn)
+        .await?)
 }

@@ -101,6 +101,8 @@ diesel::table! {
         pay_time -> Nullable<Timestamptz>,
         prepay_id -> Nullable<Text>,
         prepay_time -> Nullable<Timestamptz>,
+        reconcile_attempts -> Int2,
+        next_reconcile_time -> Nullable<Timestamptz>,
     }
 }
 
