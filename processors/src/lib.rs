@@ -6,11 +6,13 @@
 mod metrics;
 mod order;
 mod payment;
+pub mod reconcile;
 pub mod timeout;
 
 pub use metrics::register as register_metrics;
 pub use order::{CONSUMER as ORDER_CONSUMER, OrderProcessor};
 pub use payment::PaymentProcessor;
+pub use reconcile::{ReconcileConfig, Reconciler};
 pub use timeout::{TimeoutCloser, TimeoutConfig};
 
 /// The durable consumer name of the payment processor.
