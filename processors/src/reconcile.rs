@@ -146,7 +146,7 @@ impl Reconciler {
         let mut report = ReconcileReport { waiting_past_threshold: waiting, ..Default::default() };
         let concurrency = (self.cfg.max_queries_per_second as usize).clamp(1, 16);
         let mut outcomes =
-            futures::stream::iter(claims.iter().map(|c| self.check(&c.sn))).buffer_unordered(concurrency);
+            futures::stream::iter(claims.into_iter().map(|c| self.check(c.sn))).buffer_unordered(concurrency);
         while let Some(outcome) = outcomes.next().await {
             report.checked += 1;
             match outcome {
@@ -169,7 +169,10 @@ impl Reconciler {
         Ok(report)
     }
 
-    async fn check(&self, sn: &str) -> Outcome {
+    // Takes the serial by value: a future borrowing from the claim list would not be `Send` for `tokio::spawn`
+    // (a higher-ranked lifetime the compiler cannot prove).
+    async fn check(&self, sn: String) -> Outcome {
+        let sn = sn.as_str();
         self.pace.wait().await;
         let t = match self.pay.query_by_out_trade_no(sn).await {
             Ok(t) => t,

@@ -404,3 +404,28 @@ async fn a_failed_query_is_counted_and_the_next_delay_fixes_the_payment() {
     until_count(&env, Subject::PaymentStatus, 1).await;
     stop(token, tasks).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_running_reconciler_completes_a_lost_payment_on_its_own() {
+    // It fixes a payment, which moves the counter the other fixing tests compare.
+    let _fixes = FIXES.lock().await;
+    let env = Env::new().await;
+    let b = book(&mut *env.conn().await).await;
+    env.prepay(&b).await;
+    let (token, tasks) = env.start();
+    pay_without_callbacks(&env, &b).await;
+    // A short first delay so the first pass of `run` finds the payment due; the long second one shows it is asked
+    // about once.
+    let cfg = ReconcileConfig {
+        schedule: vec![Duration::from_millis(10), Duration::from_secs(3600)],
+        interval: Duration::from_millis(50),
+        ..Env::config()
+    };
+    let run = tokio::spawn(env.reconciler(cfg).run(token.clone()));
+    until_paid(&env, &b).await;
+    until_count(&env, Subject::PaymentStatus, 1).await;
+    stop(token, tasks).await;
+    run.await.unwrap();
+    assert_eq!(env.payment(&b).await.reconcile_attempts, 1);
+    assert_eq!(env.count(Subject::WechatTransaction).await, 1);
+}
