@@ -415,3 +415,123 @@ async fn the_due_orders_query_uses_the_deadline_index_with_100k_open_orders() {
     }
     println!("unpaid_past_deadline(batch 100) with 100,000 open orders: best of 5 = {best:?}");
 }
+
+/// The race of the issue, run for real several times: the user pays while the closer runs. Whoever WeChat lets win,
+/// the end is exactly one of (paid order, no order_closed) or (closed order, payment refused by WeChat) — never a
+/// closed order with money kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn paying_while_the_closer_runs_ends_paid_or_closed_never_closed_with_money() {
+    let env = Env::new().await;
+    let (token, tasks) = env.start();
+    let closer = env.closer();
+    let (mut paid, mut closed) = (0, 0);
+    for i in 0..8 {
+        let b = book(&env).await;
+        // The user's payment starts after `i` round trips to the sandbox: a spread of head starts around the
+        // closer's own database reads, so both outcomes happen (which one, each time, is up to the scheduler).
+        let user_pays = async {
+            for _ in 0..i {
+                env.control.order(b.payment.as_str()).await.unwrap();
+            }
+            env.control.pay(b.payment.as_str(), "SUCCESS").await
+        };
+        let (pay, report) = tokio::join!(user_pays, closer.close_due(past(&b)));
+        let report = report.unwrap();
+        match pay {
+            Ok(_) => {
+                paid += 1;
+                assert_eq!((report.closed, report.paid_meanwhile), (0, 1), "{report:?}");
+                testkit::eventually(WAIT, "the payment wins: order paid", || async {
+                    (state(&env, &b).await == (PayStatus::Paid, TradeState::WaitUse)).then_some(())
+                })
+                .await;
+                assert_eq!(env.wechat_state(&b).await, "SUCCESS");
+            }
+            Err(sandbox::ControlError::Status { status: 409, .. }) => {
+                closed += 1;
+                assert_eq!(report.closed, 1, "{report:?}");
+                assert_eq!(state(&env, &b).await, (PayStatus::Closed, TradeState::Cancelled));
+                assert_eq!(env.wechat_state(&b).await, "CLOSED");
+            }
+            Err(e) => panic!("unexpected answer to the payment: {e}"),
+        }
+    }
+    println!("race outcomes: {paid} paid, {closed} closed");
+    testkit::eventually(WAIT, "outbox drained", || async { (env.outbox_len().await == 0).then_some(()) }).await;
+    let notes = env.payloads(Subject::NotifyMiniprogram).await;
+    let closed_notes = notes.iter().filter(|n| order_closed(n)).count();
+    assert_eq!(closed_notes, closed, "one order_closed per closed order, none for paid ones");
+    assert_eq!(notes.len() - closed_notes, 2 * paid, "pay-success and check-in per paid order");
+    assert_eq!(env.count(Subject::RefundRequested).await, 0, "no money arrived for a closed order");
+    stop(token, tasks).await;
+}
+
+/// Paid here (the callback was processed) while the order processor has not moved the order yet: not closed.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_order_whose_payment_is_already_paid_here_is_not_closed() {
+    let env = Env::new().await;
+    let b = book(&env).await;
+    env.control.pay(b.payment.as_str(), "SUCCESS").await.unwrap();
+    let paid = storage::payments::PaidDetails {
+        transaction_id: "4200000000000000000000000001".into(),
+        trade_type: "JSAPI".into(),
+        trade_state: "SUCCESS".into(),
+        trade_state_desc: String::new(),
+        pay_time: Utc::now(),
+    };
+    storage::payments::mark_paid(&mut *env.conn().await, &b.payment, &paid).await.unwrap();
+    let report = env.closer().close_due(past(&b)).await.unwrap();
+    assert_eq!(report, CloseReport { due: 1, paid_meanwhile: 1, ..Default::default() });
+    assert_eq!(state(&env, &b).await, (PayStatus::Paid, TradeState::WaitPay));
+    assert_eq!(env.outbox_len().await, 0);
+}
+
+/// `run` closes what is due on its own schedule (an order whose prepay never happened: nothing to close at WeChat)
+/// and stops on shutdown.
+#[tokio::test(flavor = "multi_thread")]
+async fn run_closes_due_orders_every_interval_and_stops_on_shutdown() {
+    let env = Env::new().await;
+    let order = {
+        let mut pooled = env.conn().await;
+        let conn: &mut Conn = &mut pooled;
+        let user = storage::users::insert_with_auth(conn, &Default::default(), AuthType::WxMini, "oNoPrepay")
+            .await
+            .unwrap()
+            .id();
+        let h = storage::homestays::insert(
+            conn,
+            &storage::homestays::NewHomestay {
+                title: "Lakeside cabin".into(),
+                sub_title: String::new(),
+                info: String::new(),
+                people_num: 4,
+                row_state: 1,
+                row_type: 0,
+                food_info: String::new(),
+                food_price: 0,
+                homestay_price: 29900,
+                market_homestay_price: 0,
+            },
+        )
+        .await
+        .unwrap();
+        let sn = OrderSn::generate(Utc::now());
+        // Already past its deadline, and with no payment at all.
+        storage::orders::insert(conn, &new_order(&sn, user, h.id, Utc::now() - TimeDelta::seconds(1))).await.unwrap();
+        sn
+    };
+    let cfg = TimeoutConfig { interval: Duration::from_millis(50), ..TimeoutConfig::default() };
+    cfg.validate().unwrap();
+    let closer = TimeoutCloser::new(env.pool.clone(), env.publisher.clone(), env.pay.clone(), cfg);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(closer.run(shutdown.clone()));
+    testkit::eventually(WAIT, "order closed by run", || async {
+        let o = storage::orders::find_by_sn(&mut *env.conn().await, &order).await.unwrap().unwrap();
+        (o.state() == TradeState::Cancelled).then_some(())
+    })
+    .await;
+    shutdown.cancel();
+    task.await.unwrap();
+    // order.status and order_closed; no payment.status (there was no payment).
+    assert_eq!(env.outbox_len().await, 2);
+}
