@@ -31,6 +31,12 @@ pub struct Config {
     pub wechat: Option<wechat::WechatConfig>,
     /// Tencent Cloud SMS; needed by the notifier when SMS is used.
     pub sms: Option<wechat::SmsConfig>,
+    /// Closing unpaid orders past their deadline (the lifecycle processor).
+    #[serde(default)]
+    pub timeout: processors::TimeoutConfig,
+    /// Asking WeChat about payments still waiting (the lifecycle processor).
+    #[serde(default)]
+    pub reconcile: processors::ReconcileConfig,
     /// Subscribe messages and SMS: templates and the mini-program environment; needed by the notifier.
     pub notifier: Option<notifier::NotifierConfig>,
 }
@@ -106,6 +112,8 @@ impl Config {
         check(self.nats.validate());
         check(self.consumer.validate());
         check(self.outbox.validate());
+        check(self.timeout.validate().map_err(|e| e.to_string()));
+        check(self.reconcile.validate().map_err(|e| e.to_string()));
         if let Some(h) = &self.http {
             check(h.validate());
         }

@@ -140,6 +140,8 @@ pub enum Processor {
     Payment,
     /// `payment.status` → order state and notification requests.
     Order,
+    /// Closes unpaid orders past their deadline (WeChat first) and asks WeChat about payments still waiting.
+    Lifecycle,
 }
 
 fn spawn_processor(
@@ -162,6 +164,19 @@ fn spawn_processor(
         Processor::Order => {
             tokio::spawn(async move { Ok(processors::run_order(publisher, pool, consumer, shutdown).await?) })
         }
+        Processor::Lifecycle => {
+            let wechat = cfg.wechat.as_ref().ok_or_else(|| {
+                anyhow::anyhow!("the lifecycle processor needs the [wechat] section (it closes and queries at WeChat)")
+            })?;
+            let pay = wechat::PayClient::from_config(wechat)?;
+            let closer =
+                processors::TimeoutCloser::new(pool.clone(), publisher.clone(), pay.clone(), cfg.timeout.clone());
+            let reconciler = processors::Reconciler::new(pool, publisher, pay, cfg.reconcile.clone());
+            tokio::spawn(async move {
+                tokio::join!(closer.run(shutdown.clone()), reconciler.run(shutdown));
+                Ok(())
+            })
+        }
     })
 }
 
@@ -181,7 +196,7 @@ pub async fn processor(which: Processor, cfg: &Config, shutdown: CancellationTok
 }
 
 /// `paystream all`: every role in one process, for development and the demo: migrations, streams, the outbox
-/// relay, the processors, the ingress (when `[http]` is configured), the notifier (when `[notifier]` is) and the
+/// relay, the processors (payment, order, lifecycle), the ingress (when `[http]` is configured), the notifier (when `[notifier]` is) and the
 /// admin endpoints.
 pub async fn all(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     storage::migrate(cfg.database.url.expose_secret()).await?;
@@ -204,7 +219,7 @@ pub async fn all(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<()
             anyhow::Ok(())
         }
     })];
-    for p in [Processor::Payment, Processor::Order] {
+    for p in [Processor::Payment, Processor::Order, Processor::Lifecycle] {
         tasks.push(spawn_processor(p, cfg, &infra, shutdown.clone())?);
     }
     if cfg.notifier.is_some() {

@@ -102,3 +102,36 @@ async fn a_callback_whose_amount_does_not_match_is_dead_lettered_and_the_order_s
     assert_eq!((s["payStatus"].clone(), s["tradeState"].clone()), (json!(0), json!(0)), "{s}");
     assert_eq!(sys.count("PAYMENT", "payment.status").await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_order_nobody_pays_is_closed_at_wechat_and_here_after_its_deadline() {
+    let sys = System::start().await;
+    let alice = sys.login("alice").await;
+    let (order, payment) = sys.book_and_prepay(&alice).await;
+    // The deadline passes (30 minutes in production; moved here rather than waited for).
+    sys.sql(format!("UPDATE homestay_order SET pay_deadline = now() - interval '1 second' WHERE sn = '{order}'")).await;
+    testkit::eventually(Duration::from_secs(20), "order closed", || async {
+        (sys.order_status(&alice, &order).await == (json!(-1), json!(-1))).then_some(())
+    })
+    .await;
+    let at_wechat: Value = sys
+        .http
+        .get(format!("{}/sandbox/v1/transactions/{payment}", sys.sandbox))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(at_wechat.to_string().contains("CLOSED"), "WeChat's transaction is closed too: {at_wechat}");
+    // the user can no longer pay it
+    let r = sys
+        .http
+        .post(format!("{}/sandbox/v1/transactions/{payment}/pay", sys.sandbox))
+        .json(&json!({ "result": "SUCCESS" }))
+        .send()
+        .await
+        .unwrap();
+    assert!(!r.status().is_success(), "a closed transaction cannot be paid");
+    assert_eq!(sys.order_status(&alice, &order).await, (json!(-1), json!(-1)));
+}

@@ -115,6 +115,7 @@ impl System {
             .env("PAYSTREAM__HTTP__JWT_SECRET", JWT)
             .env("PAYSTREAM__CONSUMER__BACKOFF", "[\"50ms\", \"100ms\"]")
             .env("PAYSTREAM__CONSUMER__MAX_DELIVER", "3")
+            .env("PAYSTREAM__TIMEOUT__INTERVAL", "100ms")
             .env("PAYSTREAM__TELEMETRY__LOG_FILTER", "warn");
         c
     }
