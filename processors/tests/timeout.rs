@@ -535,3 +535,30 @@ async fn run_closes_due_orders_every_interval_and_stops_on_shutdown() {
     // order.status and order_closed; no payment.status (there was no payment).
     assert_eq!(env.outbox_len().await, 2);
 }
+
+/// A full batch in one pass, oldest deadline first; the next pass takes the rest. Prints the pass's rate (WeChat
+/// close + one transaction per order, sequential), the figure quoted in the module doc.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pass_closes_at_most_a_batch_oldest_deadline_first() {
+    let env = Env::new().await;
+    let mut bookings = Vec::new();
+    for _ in 0..60 {
+        bookings.push(book(&env).await);
+    }
+    let now = bookings.iter().map(|b| b.deadline).max().unwrap() + TimeDelta::seconds(1);
+    let cfg = TimeoutConfig { batch: 50, ..TimeoutConfig::default() };
+    let closer = TimeoutCloser::new(env.pool.clone(), env.publisher.clone(), env.pay.clone(), cfg);
+    let start = Instant::now();
+    let first = closer.close_due(now).await.unwrap();
+    let took = start.elapsed();
+    println!("one pass closed {} orders in {took:?} ({:.0} orders/s)", first.closed, 50.0 / took.as_secs_f64());
+    assert_eq!(first, CloseReport { due: 50, closed: 50, ..Default::default() });
+    // Deadlines grow with booking order, so the last ten are the ones left.
+    for b in &bookings[..50] {
+        assert_eq!(state(&env, b).await, (PayStatus::Closed, TradeState::Cancelled));
+    }
+    for b in &bookings[50..] {
+        assert_eq!(state(&env, b).await, (PayStatus::Waiting, TradeState::WaitPay));
+    }
+    assert_eq!(closer.close_due(now).await.unwrap(), CloseReport { due: 10, closed: 10, ..Default::default() });
+}
