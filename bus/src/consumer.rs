@@ -298,7 +298,13 @@ impl<H: Handler> Ctx<H> {
             h.insert(headers::DLQ_ORIGINAL_MSG_ID, original.as_str());
         }
         // One dead letter per stored message, even if the Term below is lost and the message comes back.
-        h.insert(headers::MSG_ID, format!("dlq:{name}:{stream}:{}", delivery.stream_sequence).as_str());
+        let id = if stream.is_empty() {
+            // No delivery info: a fixed id would make JetStream drop every later letter of this kind as a duplicate.
+            format!("dlq:{name}:{}", uuid::Uuid::new_v4())
+        } else {
+            format!("dlq:{name}:{stream}:{}", delivery.stream_sequence)
+        };
+        h.insert(headers::MSG_ID, id.as_str());
         h.insert(headers::DLQ_REASON, truncate(reason, 1000).as_str());
         h.insert(headers::DLQ_CONSUMER, name);
         h.insert(headers::DLQ_SUBJECT, delivery.subject.as_str());

@@ -200,7 +200,12 @@ impl Topology {
             storage: StorageType::File,
             num_replicas: self.replicas,
             duplicate_window: self.duplicate_window,
-            max_age: if family == Family::Dlq { self.dlq_max_age } else { self.max_age },
+            // Refund requests are money owed: they are kept until a consumer handles them, whatever max_age says.
+            max_age: match family {
+                Family::Dlq => self.dlq_max_age,
+                Family::Refund => Duration::ZERO,
+                _ => self.max_age,
+            },
             discard: DiscardPolicy::Old,
             // Events are small JSON documents; anything near this is a bug, not a payment.
             max_message_size: 1024 * 1024,

@@ -3,7 +3,7 @@
 //! `payment.status` to the outbox in the same transaction. Unknown payments and mismatches are refused
 //! permanently (counted, dead-lettered), never dropped; replays change nothing and are acked.
 
-use bus::events::{PaymentStatusChanged, WechatTransactionReported};
+use bus::events::{PaymentStatusChanged, RefundReason, RefundRequested, WechatTransactionReported};
 use bus::{Delivery, Envelope, Handled, Handler, HandlerError};
 use storage::{AsyncConnection, DomainError, PayStatus, PaymentSn, PgPool, StorageError, Transition, UserId, payments};
 
@@ -39,13 +39,17 @@ impl Handler for PaymentProcessor {
                 format!("report for appid {} / mchid {} is not ours", r.appid, r.mchid),
             ));
         }
+        if r.currency.as_deref().is_some_and(|c| c != "CNY") {
+            return Err(refuse("currency_mismatch", format!("report in {:?}, payments are in CNY", r.currency)));
+        }
         let sn = PaymentSn::parse(&r.out_trade_no)
             .map_err(|_| refuse("unknown_payment", format!("unknown payment {:?}", r.out_trade_no)))?;
         match r.trade_state.as_str() {
             "SUCCESS" => self.paid(&sn, &r).await,
             "CLOSED" | "REVOKED" => self.closed(&sn, &r).await,
-            // Still open at WeChat, or already refunded (the refund path owns that): nothing to change.
-            "NOTPAY" | "USERPAYING" | "ACCEPT" | "PAYERROR" | "REFUND" => Ok(Handled::Done),
+            // Still open at WeChat: nothing to change.
+            "NOTPAY" | "USERPAYING" | "ACCEPT" | "PAYERROR" => Ok(Handled::Done),
+            "REFUND" => self.refunded_at_wechat(&sn).await,
             other => Err(refuse("unknown_state", format!("unknown trade_state {other:?} for {sn}"))),
         }
     }
@@ -99,12 +103,25 @@ impl PaymentProcessor {
                     Ok(Handled::Done)
                 }
                 Ok(Transition::Unchanged) => Ok(Handled::Duplicate),
-                // Paid at WeChat while closed here: only possible if a close skipped WeChat. The money must go
-                // back; the lifecycle processor owns refunds of closed payments, so keep it visible in the DLQ.
-                Err(StorageError::Domain(DomainError::Refused { from, .. })) => Err(refuse(
-                    "paid_after_close",
-                    format!("WeChat reports {sn} paid but it is {from} here: needs a refund"),
-                )),
+                // Already refunded here: a late or replayed SUCCESS changes nothing.
+                Err(StorageError::Domain(DomainError::Refused { ref from, .. })) if from == "Refunded" => {
+                    Ok(Handled::Duplicate)
+                }
+                // Paid at WeChat while closed here (a close that did not reach WeChat): the money must go back.
+                // Ask for the refund in this transaction; the refund stream keeps the request until it is handled.
+                Err(StorageError::Domain(DomainError::Refused { from, .. })) => {
+                    tracing::error!(payment = %sn, %from, "WeChat reports a closed payment paid; requesting a refund");
+                    let refund = RefundRequested {
+                        payment_sn: sn.clone(),
+                        order_sn: payment.order_sn(),
+                        user_id: UserId(payment.user_id),
+                        reason: RefundReason::OrderClosed,
+                        amount: payment.total(),
+                    };
+                    bus::enqueue(c, &refund.envelope()).await?;
+                    metrics::refund_requested("paid_after_close");
+                    Ok(Handled::Done)
+                }
                 Err(e) => Err(e.into()),
             }
         })
@@ -114,6 +131,22 @@ impl PaymentProcessor {
                 metrics::payment_transition(PayStatus::Waiting, PayStatus::Paid);
             }
         })
+    }
+
+    /// WeChat says the transaction was refunded. Fine for a payment refunded here; for one still waiting here the
+    /// money moved without us (lost callback, then a refund from the merchant console): an operator must look.
+    async fn refunded_at_wechat(&self, sn: &PaymentSn) -> Result<Handled, HandlerError> {
+        let mut conn = self.pool.get().await.map_err(StorageError::from)?;
+        let payment = payments::find_by_sn(&mut conn, sn)
+            .await?
+            .ok_or_else(|| refuse("unknown_payment", format!("unknown payment {sn}")))?;
+        match payment.status() {
+            PayStatus::Waiting => Err(refuse(
+                "refunded_while_waiting",
+                format!("WeChat reports {sn} refunded but it never was paid here: reconcile by hand"),
+            )),
+            _ => Ok(Handled::Done),
+        }
     }
 
     async fn closed(&self, sn: &PaymentSn, r: &WechatTransactionReported) -> Result<Handled, HandlerError> {

@@ -355,3 +355,58 @@ async fn processors_killed_mid_batch_still_pay_every_order_exactly_once() {
     assert!(env.dead_letters("payment").await.is_empty());
     assert!(env.dead_letters("order").await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn money_for_a_payment_closed_here_is_sent_back_and_a_late_success_after_a_refund_is_a_no_op() {
+    let env = Env::new().await;
+    let closed = book(&mut *env.conn().await, None).await;
+    storage::payments::transition(
+        &mut *env.conn().await,
+        &closed.payment,
+        PayStatus::Waiting,
+        PayStatus::Closed,
+        "CLOSED",
+    )
+    .await
+    .unwrap();
+    let refunded = book(&mut *env.conn().await, None).await;
+    let (token, tasks) = env.start();
+    env.report(success(&closed, "after-close")).await;
+    until_count(&env, Subject::RefundRequested, 1).await;
+    env.report(success(&refunded, "first")).await;
+    until_paid(&env, &refunded).await;
+    storage::payments::transition(
+        &mut *env.conn().await,
+        &refunded.payment,
+        PayStatus::Paid,
+        PayStatus::Refunded,
+        "REFUND",
+    )
+    .await
+    .unwrap();
+    env.report(success(&refunded, "late-replay")).await;
+    let mut wrong_currency = success(&closed, "usd");
+    wrong_currency.currency = Some("USD".into());
+    env.report(wrong_currency).await;
+    let reasons = testkit::eventually(Duration::from_secs(20), "the USD report dead-lettered", || async {
+        let r = env.dead_letters("payment").await;
+        (!r.is_empty()).then_some(r)
+    })
+    .await;
+    let consumer = env.js.get_stream(env.t().stream_of(Subject::WechatTransaction)).await.unwrap();
+    testkit::eventually(Duration::from_secs(20), "all reports handled", || {
+        let s = consumer.clone();
+        async move {
+            let mut c: jetstream::consumer::PullConsumer = s.get_consumer(processors::PAYMENT_CONSUMER).await.ok()?;
+            let i = c.info().await.ok()?;
+            (i.num_pending == 0 && i.num_ack_pending == 0).then_some(())
+        }
+    })
+    .await;
+    stop(token, tasks).await;
+    assert_eq!(reasons.len(), 1, "only the foreign currency is refused: {reasons:?}");
+    assert!(reasons[0].contains("CNY"), "{reasons:?}");
+    assert_eq!(env.count(Subject::RefundRequested).await, 1, "the closed payment's money is asked back, once");
+    assert_eq!(state(&env, &closed).await.0, PayStatus::Closed);
+    assert_eq!(state(&env, &refunded).await.0, PayStatus::Refunded, "a late success does not undo a refund");
+}

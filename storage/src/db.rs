@@ -80,19 +80,23 @@ pub enum StorageError {
 }
 
 impl StorageError {
-    /// Connection-level failures are worth retrying; constraint and domain errors are not.
+    /// Worth retrying: everything the database may answer differently next time — lost connections, failover
+    /// ("terminating connection due to administrator command"), deadlocks, lock and statement timeouts,
+    /// serialization failures. Not worth it: constraint violations, domain refusals, rows that do not exist, and
+    /// queries diesel cannot build or decode (retrying a bug only delays the dead letter that shows it).
     pub fn is_transient(&self) -> bool {
         match self {
             StorageError::Unavailable(_) => true,
-            StorageError::Query(e) => matches!(
-                e,
-                DieselError::DatabaseError(
-                    DatabaseErrorKind::SerializationFailure
-                        | DatabaseErrorKind::ClosedConnection
-                        | DatabaseErrorKind::UnableToSendCommand,
-                    _
-                ) | DieselError::BrokenTransactionManager
+            StorageError::Query(DieselError::DatabaseError(kind, _)) => !matches!(
+                kind,
+                DatabaseErrorKind::UniqueViolation
+                    | DatabaseErrorKind::ForeignKeyViolation
+                    | DatabaseErrorKind::NotNullViolation
+                    | DatabaseErrorKind::CheckViolation
+                    | DatabaseErrorKind::RestrictViolation
+                    | DatabaseErrorKind::ExclusionViolation
             ),
+            StorageError::Query(DieselError::BrokenTransactionManager) => true,
             _ => false,
         }
     }
