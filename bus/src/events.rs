@@ -63,6 +63,50 @@ impl WechatTransactionReported {
     }
 }
 
+/// `wechat.refund`: what WeChat says about one of our refunds, from a verified `REFUND.*` callback or a signed
+/// answer of the refund API (create or query).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WechatRefundReported {
+    pub source: ReportSource,
+    /// WeChat's notification id (callbacks only).
+    pub notification_id: Option<String>,
+    /// The merchant the callback was for (the refund API's answers do not carry it).
+    pub mchid: Option<String>,
+    /// Our payment sn.
+    pub out_trade_no: String,
+    /// Our refund sn.
+    pub out_refund_no: String,
+    pub refund_id: String,
+    /// WeChat's raw status: SUCCESS, PROCESSING, CLOSED, ABNORMAL.
+    pub status: String,
+    pub success_time: Option<DateTime<Utc>>,
+    /// `amount.refund` in fen.
+    pub amount_refund: i64,
+    /// `amount.total` in fen: the payment's amount.
+    pub amount_total: i64,
+}
+
+impl Event for WechatRefundReported {
+    const TYPE: &'static str = "wechat.refund";
+    const VERSION: u16 = 1;
+    const SUBJECT: Subject = Subject::WechatRefund;
+    fn aggregate(&self) -> String {
+        format!("payment:{}", self.out_trade_no)
+    }
+}
+
+impl WechatRefundReported {
+    /// A callback's id comes from WeChat's notification id; an API answer's from (out_refund_no, status), so the
+    /// same answer seen twice is one event.
+    pub fn envelope(self) -> Envelope<Self> {
+        let id = match (&self.source, &self.notification_id) {
+            (ReportSource::Callback, Some(n)) => derived_id("wechat-notification", n),
+            _ => derived_id("wechat-refund-query", &format!("{}:{}", self.out_refund_no, self.status)),
+        };
+        Envelope::with_id(id, self)
+    }
+}
+
 /// `payment.status`: a payment changed status (written by the payment processor with the change).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PaymentStatusChanged {

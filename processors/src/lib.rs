@@ -7,12 +7,14 @@ mod metrics;
 mod order;
 mod payment;
 pub mod reconcile;
+pub mod refund;
 pub mod timeout;
 
 pub use metrics::register as register_metrics;
 pub use order::{CONSUMER as ORDER_CONSUMER, OrderProcessor};
 pub use payment::PaymentProcessor;
 pub use reconcile::{ReconcileConfig, Reconciler};
+pub use refund::{RefundConfig, RefundProcessor, RefundReconciler, RefundRequester};
 pub use timeout::{TimeoutCloser, TimeoutConfig};
 
 /// The durable consumer name of the payment processor.
@@ -45,4 +47,31 @@ pub async fn run_order(
     register_metrics();
     let spec = ConsumerSpec { name: ORDER_CONSUMER.into(), config };
     Consumer::new(publisher, spec, OrderProcessor::new(pool)).run(shutdown).await
+}
+
+/// Runs the refund requester (`refund.requested` → WeChat's refund API) until `shutdown`.
+pub async fn run_refund_requests(
+    publisher: Publisher,
+    pool: storage::PgPool,
+    pay: wechat::PayClient,
+    config: ConsumerConfig,
+    shutdown: CancellationToken,
+) -> Result<(), bus::BusError> {
+    register_metrics();
+    let spec = ConsumerSpec { name: refund::REQUEST_CONSUMER.into(), config };
+    let handler = RefundRequester::new(pool, publisher.clone(), pay);
+    Consumer::new(publisher, spec, handler).run(shutdown).await
+}
+
+/// Runs the refund processor (`wechat.refund` → refund, payment and order state) until `shutdown`.
+pub async fn run_refund_status(
+    publisher: Publisher,
+    pool: storage::PgPool,
+    mchid: &str,
+    config: ConsumerConfig,
+    shutdown: CancellationToken,
+) -> Result<(), bus::BusError> {
+    register_metrics();
+    let spec = ConsumerSpec { name: refund::STATUS_CONSUMER.into(), config };
+    Consumer::new(publisher, spec, RefundProcessor::new(pool, mchid)).run(shutdown).await
 }

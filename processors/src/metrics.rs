@@ -2,13 +2,16 @@
 
 use std::sync::OnceLock;
 
-use prometheus::{IntCounterVec, Opts};
+use prometheus::{IntCounterVec, IntGauge, Opts};
 
 struct Metrics {
     payment_transitions: IntCounterVec,
     order_transitions: IntCounterVec,
     rejected: IntCounterVec,
     refunds_requested: IntCounterVec,
+    refunds: IntCounterVec,
+    refund_queries: IntCounterVec,
+    refunds_unsettled: IntGauge,
 }
 
 fn m() -> &'static Metrics {
@@ -37,11 +40,39 @@ fn m() -> &'static Metrics {
             &["reason"],
         )
         .unwrap();
+        let refunds = IntCounterVec::new(
+            Opts::new(
+                "refunds_total",
+                "Refunds by outcome: requested_at_wechat (WeChat accepted the request), succeeded, failed (CLOSED or \
+                 ABNORMAL at WeChat: an operator must act)",
+            ),
+            &["outcome"],
+        )
+        .unwrap();
+        let refund_queries = IntCounterVec::new(
+            Opts::new("refund_queries_total", "Refund queries by the refund reconciler, by WeChat's answer or error"),
+            &["outcome"],
+        )
+        .unwrap();
+        let refunds_unsettled =
+            IntGauge::new("refunds_unsettled", "Refunds WeChat has not settled yet (requested or processing)").unwrap();
         let r = observability::registry();
-        for c in [&payment_transitions, &order_transitions, &rejected, &refunds_requested] {
+        for c in [&payment_transitions, &order_transitions, &rejected, &refunds_requested, &refunds, &refund_queries] {
             r.register(Box::new(c.clone())).expect("processor metrics are registered once");
         }
-        Metrics { payment_transitions, order_transitions, rejected, refunds_requested }
+        r.register(Box::new(refunds_unsettled.clone())).expect("processor metrics are registered once");
+        for outcome in ["requested_at_wechat", "succeeded", "failed"] {
+            refunds.with_label_values(&[outcome]);
+        }
+        Metrics {
+            payment_transitions,
+            order_transitions,
+            rejected,
+            refunds_requested,
+            refunds,
+            refund_queries,
+            refunds_unsettled,
+        }
     })
 }
 
@@ -59,6 +90,18 @@ pub(crate) fn rejected(reason: &str) {
 
 pub(crate) fn refund_requested(reason: &str) {
     m().refunds_requested.with_label_values(&[reason]).inc();
+}
+
+pub(crate) fn refund_outcome(outcome: &str) {
+    m().refunds.with_label_values(&[outcome]).inc();
+}
+
+pub(crate) fn refund_query(outcome: &str) {
+    m().refund_queries.with_label_values(&[outcome]).inc();
+}
+
+pub(crate) fn refunds_unsettled(n: i64) {
+    m().refunds_unsettled.set(n);
 }
 
 /// Makes the families visible in `/metrics` from the start.

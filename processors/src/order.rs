@@ -8,7 +8,9 @@ use bus::events::{
     RefundReason, RefundRequested, SmsNotify,
 };
 use bus::{Delivery, Envelope, Handled, Handler, HandlerError};
-use storage::{AsyncConnection, Conn, PayStatus, PgPool, StorageError, TradeState, orders, payments, processed, users};
+use storage::{
+    AsyncConnection, Conn, Fen, PayStatus, PgPool, StorageError, TradeState, UserId, orders, payments, processed, users,
+};
 
 use crate::metrics;
 
@@ -54,7 +56,15 @@ impl Handler for OrderProcessor {
                         to: TradeState::WaitUse,
                     };
                     bus::enqueue(c, &changed.envelope()).await?;
-                    request_notifications(c, &order, &p).await?;
+                    request_notifications(
+                        c,
+                        &order,
+                        p.user_id,
+                        p.pay_total,
+                        &[NotifyTemplate::PaySuccess, NotifyTemplate::CheckinNotice],
+                        &[NotifyTemplate::PaySuccess],
+                    )
+                    .await?;
                     metrics::order_transition(TradeState::WaitPay, TradeState::WaitUse);
                     Ok(Handled::Done)
                 }
@@ -87,29 +97,34 @@ async fn paid_by_another(c: &mut Conn, p: &PaymentStatusChanged) -> Result<bool,
     }))
 }
 
-async fn request_notifications(
+/// Asks the notifier for `mini` subscribe messages and `sms` text messages about `order` (SMS only to users who
+/// gave a mobile number; the notifier checks again when it sends), in the caller's transaction.
+pub(crate) async fn request_notifications(
     c: &mut Conn,
     order: &orders::OrderRow,
-    p: &PaymentStatusChanged,
+    user_id: UserId,
+    amount: Fen,
+    mini: &[NotifyTemplate],
+    sms: &[NotifyTemplate],
 ) -> Result<(), StorageError> {
     let params = NotifyParams {
-        order_sn: p.order_sn.clone(),
+        order_sn: order.sn(),
         title: order.title.clone(),
-        amount: p.pay_total,
+        amount,
         live_start: order.live_start_date,
         live_end: order.live_end_date,
         trade_code: order.trade_code.clone(),
         live_people_num: order.live_people_num,
     };
-    for template in [NotifyTemplate::PaySuccess, NotifyTemplate::CheckinNotice] {
-        let req = NotificationRequest { template, user_id: p.user_id, params: params.clone() };
+    for &template in mini {
+        let req = NotificationRequest { template, user_id, params: params.clone() };
         bus::enqueue(c, &MiniprogramNotify(req).envelope()).await?;
     }
-    // SMS only to users who gave a mobile number; the notifier checks again when it sends.
-    let has_mobile = users::find(c, p.user_id).await?.is_some_and(|u| u.mobile.is_some());
-    if has_mobile {
-        let req = NotificationRequest { template: NotifyTemplate::PaySuccess, user_id: p.user_id, params };
-        bus::enqueue(c, &SmsNotify(req).envelope()).await?;
+    if !sms.is_empty() && users::find(c, user_id).await?.is_some_and(|u| u.mobile.is_some()) {
+        for &template in sms {
+            let req = NotificationRequest { template, user_id, params: params.clone() };
+            bus::enqueue(c, &SmsNotify(req).envelope()).await?;
+        }
     }
     Ok(())
 }

@@ -97,6 +97,23 @@ pub(crate) struct Templates {
     template_ids: Vec<String>,
 }
 
+/// `GET /sandbox/v1/refunds[?out_trade_no=…]`: every refund the sandbox made, as the refund query returns it.
+pub(crate) async fn refunds(
+    State(shared): State<Arc<Shared>>,
+    axum::extract::Query(q): axum::extract::Query<RefundFilter>,
+) -> Json<Value> {
+    let pay = lock(&shared.pay);
+    let mut list: Vec<&pay::RefundRecord> =
+        pay.refunds.values().filter(|r| q.out_trade_no.as_deref().is_none_or(|o| o == r.out_trade_no)).collect();
+    list.sort_by(|a, b| a.refund_id.cmp(&b.refund_id));
+    Json(json!({"data": list.into_iter().map(pay::refund_json).collect::<Vec<_>>()}))
+}
+
+#[derive(serde::Deserialize)]
+pub(crate) struct RefundFilter {
+    out_trade_no: Option<String>,
+}
+
 /// `PUT /sandbox/v1/templates {"template_ids":[…]}`: the known template ids (empty: any).
 pub(crate) async fn set_templates(State(shared): State<Arc<Shared>>, Json(t): Json<Templates>) -> Json<Value> {
     let mut mini = lock(&shared.mini);
@@ -112,6 +129,9 @@ pub(crate) async fn add_fault(State(shared): State<Arc<Shared>>, Json(fault): Js
         }
         Fault::Latency { api, ms, times } => {
             lock(&shared.faults).add_latency(api, Duration::from_millis(ms), times);
+        }
+        Fault::LateAnswer { api, ms, times } => {
+            lock(&shared.faults).add_late_answer(api, Duration::from_millis(ms), times);
         }
         Fault::ExpireAccessToken => lock(&shared.mini).expire_all(),
         Fault::DropCallbacks { out_trade_no } => {

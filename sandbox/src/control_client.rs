@@ -78,6 +78,16 @@ impl Control {
         Ok(self.json::<Data<CallbackRecord>>(self.http.get(url)).await?.data)
     }
 
+    /// Every refund the sandbox made (as WeChat's refund query shows it), optionally only those of one order.
+    pub async fn refunds(&self, out_trade_no: Option<&str>) -> Result<Vec<wechat::Refund>, ControlError> {
+        let mut url = reqwest::Url::parse(&format!("{}/sandbox/v1/refunds", self.base))
+            .map_err(|e| ControlError::Http(format!("bad base URL: {e}")))?;
+        if let Some(no) = out_trade_no {
+            url.query_pairs_mut().append_pair("out_trade_no", no);
+        }
+        Ok(self.json::<Data<wechat::Refund>>(self.http.get(url)).await?.data)
+    }
+
     pub async fn subscribe_messages(&self) -> Result<Vec<SubscribeRecord>, ControlError> {
         let req = self.http.get(format!("{}/sandbox/v1/subscribe-messages", self.base));
         Ok(self.json::<Data<SubscribeRecord>>(req).await?.data)

@@ -42,6 +42,9 @@ pub enum Fault {
     },
     /// Delays calls of `api` by `ms` (the next `times` calls, or all until cleared).
     Latency { api: Api, ms: u64, times: Option<u32> },
+    /// Pay APIs only: does the work of the call at once, then holds the answer for `ms` (the next `times` calls,
+    /// or all until cleared) — an answer lost on its way back: the caller times out although the change happened.
+    LateAnswer { api: Api, ms: u64, times: Option<u32> },
     /// Sends a `WECHATPAY/SIGNTEST/` probe callback for the order (must be refused).
     SigntestCallback { out_trade_no: String },
     /// Sends the order's last notification again, same id and body.
@@ -73,6 +76,7 @@ pub(crate) struct FailSpec {
 pub(crate) struct Faults {
     fails: HashMap<Api, VecDeque<(FailSpec, u32)>>,
     latency: HashMap<Api, (Duration, Option<u32>)>,
+    late: HashMap<Api, (Duration, Option<u32>)>,
     pub dropped: HashSet<String>,
     pub refused: HashSet<String>,
 }
@@ -86,6 +90,10 @@ impl Faults {
 
     pub fn add_latency(&mut self, api: Api, delay: Duration, times: Option<u32>) {
         self.latency.insert(api, (delay, times));
+    }
+
+    pub fn add_late_answer(&mut self, api: Api, delay: Duration, times: Option<u32>) {
+        self.late.insert(api, (delay, times));
     }
 
     /// Consumes one pending failure of `api`, if any.
@@ -102,20 +110,29 @@ impl Faults {
 
     /// Consumes one use of the latency set for `api`, if any.
     pub fn take_latency(&mut self, api: Api) -> Option<Duration> {
-        let (delay, left) = self.latency.get_mut(&api)?;
-        let delay = *delay;
-        if let Some(n) = left {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.latency.remove(&api);
-            }
-        }
-        Some(delay)
+        take_delay(&mut self.latency, api)
+    }
+
+    /// Consumes one use of the late answer set for `api`, if any.
+    pub fn take_late_answer(&mut self, api: Api) -> Option<Duration> {
+        take_delay(&mut self.late, api)
     }
 
     pub fn clear(&mut self) {
         *self = Self::default();
     }
+}
+
+fn take_delay(delays: &mut HashMap<Api, (Duration, Option<u32>)>, api: Api) -> Option<Duration> {
+    let (delay, left) = delays.get_mut(&api)?;
+    let delay = *delay;
+    if let Some(n) = left {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            delays.remove(&api);
+        }
+    }
+    Some(delay)
 }
 
 #[cfg(test)]
@@ -144,6 +161,10 @@ mod tests {
         assert_eq!(f.take_latency(Api::Token), None);
         f.add_latency(Api::Token, Duration::from_millis(5), None);
         assert!(f.take_latency(Api::Token).is_some() && f.take_latency(Api::Token).is_some());
+        f.add_late_answer(Api::CreateRefund, Duration::from_millis(7), Some(1));
+        assert_eq!(f.take_latency(Api::CreateRefund), None, "a late answer is not a latency");
+        assert_eq!(f.take_late_answer(Api::CreateRefund), Some(Duration::from_millis(7)));
+        assert_eq!(f.take_late_answer(Api::CreateRefund), None);
     }
 
     #[test]

@@ -275,6 +275,8 @@ impl Shared {
             Some(spec) => Err(PayError::from_fault(spec)),
             None => f(self),
         });
+        // The work is done (or refused); a late-answer fault holds what the caller hears about it.
+        self.late_answer(api).await;
         match result {
             Ok((status, body)) => self.signed(req.headers, status, body),
             Err(e) => {
@@ -488,7 +490,7 @@ pub(crate) fn transaction_json(o: &Order) -> Value {
     v
 }
 
-fn refund_json(r: &RefundRecord) -> Value {
+pub(crate) fn refund_json(r: &RefundRecord) -> Value {
     let mut v = json!({
         "refund_id": r.refund_id,
         "out_refund_no": r.out_refund_no,

@@ -160,6 +160,13 @@ impl Shared {
         }
     }
 
+    pub async fn late_answer(&self, api: crate::faults::Api) {
+        let delay = lock(&self.faults).take_late_answer(api);
+        if let Some(d) = delay {
+            tokio::time::sleep(d).await;
+        }
+    }
+
     pub fn take_fail(&self, api: crate::faults::Api) -> Option<crate::faults::FailSpec> {
         lock(&self.faults).take_fail(api)
     }
@@ -262,6 +269,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/sandbox/v1/callbacks", get(control::callbacks))
         .route("/sandbox/v1/subscribe-messages", get(control::subscribe_messages))
         .route("/sandbox/v1/sms", get(control::sms_messages))
+        .route("/sandbox/v1/refunds", get(control::refunds))
         .route("/sandbox/v1/faults", post(control::add_fault))
         .route("/sandbox/v1/templates", axum::routing::put(control::set_templates))
         .route("/sandbox/v1/healthz", get(|| async { "ok" }))

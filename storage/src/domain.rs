@@ -294,6 +294,59 @@ impl PayStatus {
     }
 }
 
+/// A refund's `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RefundStatus {
+    /// WeChat closed it or could not pay it back (CLOSED, ABNORMAL): an operator must act.
+    Failed,
+    /// Written here; WeChat may not have it yet.
+    Requested,
+    /// WeChat accepted it and is paying it back.
+    Processing,
+    /// The money is back with the user.
+    Succeeded,
+}
+
+impl RefundStatus {
+    pub const ALL: [RefundStatus; 4] =
+        [RefundStatus::Failed, RefundStatus::Requested, RefundStatus::Processing, RefundStatus::Succeeded];
+
+    pub fn code(self) -> i16 {
+        match self {
+            RefundStatus::Failed => -1,
+            RefundStatus::Requested => 0,
+            RefundStatus::Processing => 1,
+            RefundStatus::Succeeded => 2,
+        }
+    }
+
+    pub fn from_code(code: i16) -> Result<Self, DomainError> {
+        RefundStatus::ALL
+            .into_iter()
+            .find(|s| s.code() == code)
+            .ok_or(DomainError::UnknownState { kind: "refund status", value: code.to_string() })
+    }
+
+    /// Whether WeChat may still change it.
+    pub fn is_open(self) -> bool {
+        matches!(self, RefundStatus::Requested | RefundStatus::Processing)
+    }
+
+    /// requested → processing | succeeded | failed; processing → succeeded | failed; the same state again is a
+    /// no-op. Succeeded and failed are final: a late PROCESSING never reopens a refund.
+    pub fn transition(self, to: RefundStatus) -> Result<Transition, DomainError> {
+        use RefundStatus::*;
+        match (self, to) {
+            (a, b) if a == b => Ok(Transition::Unchanged),
+            (Requested, Processing | Succeeded | Failed) | (Processing, Succeeded | Failed) => Ok(Transition::Changed),
+            (from, to) => {
+                Err(DomainError::Refused { kind: "refund", from: format!("{from:?}"), to: format!("{to:?}") })
+            }
+        }
+    }
+}
+
 /// How a user logs in: `user_auth.auth_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum AuthType {
@@ -362,6 +415,33 @@ mod tests {
         }
         assert!(Paid.transition(Waiting).is_err(), "a paid payment never becomes payable again");
         assert!(Closed.transition(Paid).is_err(), "a closed payment is closed at WeChat too");
+    }
+
+    #[test]
+    fn every_refund_arrow() {
+        use RefundStatus::*;
+        let allowed = [
+            (Requested, Processing),
+            (Requested, Succeeded),
+            (Requested, Failed),
+            (Processing, Succeeded),
+            (Processing, Failed),
+        ];
+        for from in RefundStatus::ALL {
+            for to in RefundStatus::ALL {
+                let got = from.transition(to);
+                if from == to {
+                    assert_eq!(got, Ok(Transition::Unchanged));
+                } else if allowed.contains(&(from, to)) {
+                    assert_eq!(got, Ok(Transition::Changed), "{from:?} -> {to:?}");
+                } else {
+                    assert!(got.is_err(), "{from:?} -> {to:?} must be refused");
+                }
+            }
+            assert_eq!(RefundStatus::from_code(from.code()), Ok(from));
+        }
+        assert!(RefundStatus::from_code(3).is_err());
+        assert!(Succeeded.transition(Processing).is_err(), "a late PROCESSING never reopens a refund");
     }
 
     #[test]

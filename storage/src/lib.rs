@@ -12,12 +12,13 @@ pub mod orders;
 pub mod outbox;
 pub mod payments;
 pub mod processed;
+pub mod refunds;
 pub mod schema;
 pub mod users;
 
 pub use db::{Conn, DbConfig, PgPool, PooledConn, Result, StorageError, connect, migrate, pool};
 pub use diesel_async::{AsyncConnection, RunQueryDsl};
 pub use domain::{
-    AuthType, DomainError, Fen, HomestayId, OrderId, OrderSn, PayStatus, PaymentSn, RefundSn, TradeState, Transition,
-    UserId,
+    AuthType, DomainError, Fen, HomestayId, OrderId, OrderSn, PayStatus, PaymentSn, RefundSn, RefundStatus, TradeState,
+    Transition, UserId,
 };

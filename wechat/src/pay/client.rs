@@ -43,7 +43,8 @@ pub enum PayError {
 }
 
 impl PayError {
-    /// Whether the same call may succeed later: 429, 5xx, SYSTEM_ERROR-like codes, network
+    /// Whether the same call may succeed later: 429, 5xx, SYSTEM_ERROR-like codes, NOT_ENOUGH (the merchant
+    /// account lacks the funds for a refund until it is topped up), network
     /// failures and timeouts, and an answer signed with a key we do not hold yet (a
     /// certificate download fixes it). Parameter, signature and order-state errors are not.
     pub fn is_retryable(&self) -> bool {
@@ -51,7 +52,10 @@ impl PayError {
             Self::Api { http_status, code, .. } => {
                 *http_status == 429
                     || *http_status >= 500
-                    || matches!(code.as_str(), "SYSTEM_ERROR" | "FREQUENCY_LIMITED" | "BANK_ERROR" | "SYSTEMERROR")
+                    || matches!(
+                        code.as_str(),
+                        "SYSTEM_ERROR" | "FREQUENCY_LIMITED" | "BANK_ERROR" | "SYSTEMERROR" | "NOT_ENOUGH"
+                    )
             }
             Self::Network(_) | Self::Timeout => true,
             Self::Verify(VerifyError::UnknownSerial(_)) => true,

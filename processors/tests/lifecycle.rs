@@ -1,6 +1,12 @@
-//! The timeout closer against real Postgres, JetStream and the WeChat sandbox: an unpaid order past its deadline is
-//! closed at WeChat and here, and its user told once; an order paid at WeChat just before the close is paid, not
-//! closed; a payment after the close is refused by WeChat; a failing close is retried on the next pass.
+//! The order lifecycle against real Postgres, JetStream and the WeChat sandbox.
+//!
+//! Timeout close: an unpaid order past its deadline is closed at WeChat and here, and its user told once; an order
+//! paid at WeChat just before the close is paid, not closed; a payment after the close is refused by WeChat; a
+//! failing close is retried on the next pass.
+//!
+//! Refunds: money that arrives for a closed order goes back once, even when WeChat's answer to the refund request
+//! is lost and the request is retried; a user's refund refunds the payment and the order; `REFUND.SUCCESS` twice,
+//! late or out of order changes state once; reports that do not match a refund are dead-lettered.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,7 +21,9 @@ use futures::StreamExt;
 use processors::timeout::CloseReport;
 use processors::{TimeoutCloser, TimeoutConfig};
 use sandbox::{Control, InitOptions, RunningSandbox};
-use storage::{AuthType, Conn, Fen, OrderSn, PayStatus, PaymentSn, PgPool, RunQueryDsl, TradeState, UserId};
+use storage::{
+    AuthType, Conn, Fen, OrderSn, PayStatus, PaymentSn, PgPool, RefundStatus, RunQueryDsl, TradeState, UserId,
+};
 use testkit::TestDb;
 use tokio_util::sync::CancellationToken;
 
@@ -54,9 +62,14 @@ impl Env {
         // payment (port 1 refuses at once; the sandbox's retries run on WeChat's real, slow schedule).
         let notify_url = Some("http://127.0.0.1:1/notify".to_owned());
         sandbox::init(&dir, &InitOptions { notify_url, ..Default::default() }).unwrap();
-        let sandbox = sandbox::spawn_for_tests(&dir).await.unwrap();
-        let cfg: wechat::WechatConfig =
+        // A fast clock: a refund WeChat accepted stays PROCESSING for 3 s (long enough to see it), then SUCCESS.
+        let options =
+            sandbox::SandboxOptions { time_scale: 100.0, refund_delay: Duration::from_secs(300), ..Default::default() };
+        let sandbox = sandbox::spawn_for_tests_with(&dir, options).await.unwrap();
+        let mut cfg: wechat::WechatConfig =
             Figment::from(Toml::file(sandbox.identity.config_path())).extract_inner("wechat").unwrap();
+        // Short enough that a late-answer fault of a second makes the refund call time out.
+        cfg.request_timeout_ms = 700;
         let pay = wechat::PayClient::from_config(&cfg).unwrap();
         let control = sandbox.control();
         Env { db, pool, js, publisher, sandbox, control, pay, dir }
@@ -87,13 +100,53 @@ impl Env {
             OutboxConfig { poll_interval: Duration::from_millis(200), ..Default::default() },
         );
         let (appid, mchid) = (self.pay.settings().appid.clone(), self.pay.settings().mchid.clone());
+        let mchid2 = mchid.clone();
         let (p, pool, t, c1) = (self.publisher.clone(), self.pool.clone(), token.clone(), cfg.clone());
         let payment =
             tokio::spawn(async move { processors::run_payment(p, pool, &appid, &mchid, c1, t).await.unwrap() });
         let (p, pool, t) = (self.publisher.clone(), self.pool.clone(), token.clone());
-        let order = tokio::spawn(async move { processors::run_order(p, pool, cfg, t).await.unwrap() });
+        let c2 = cfg.clone();
+        let order = tokio::spawn(async move { processors::run_order(p, pool, c2, t).await.unwrap() });
         let relay = tokio::spawn(relay.run(token.clone()));
-        (token, vec![payment, order, relay])
+        let (p, pool, t, c1, pay) =
+            (self.publisher.clone(), self.pool.clone(), token.clone(), cfg.clone(), self.pay.clone());
+        let requests = tokio::spawn(async move { processors::run_refund_requests(p, pool, pay, c1, t).await.unwrap() });
+        let (p, pool, t, mchid) = (self.publisher.clone(), self.pool.clone(), token.clone(), mchid2);
+        let status = tokio::spawn(async move { processors::run_refund_status(p, pool, &mchid, cfg, t).await.unwrap() });
+        (token, vec![payment, order, relay, requests, status])
+    }
+
+    fn refund_reconciler(&self) -> processors::RefundReconciler {
+        let cfg = processors::RefundConfig { query_after: Duration::from_secs(60), ..Default::default() };
+        processors::RefundReconciler::new(self.pool.clone(), self.publisher.clone(), self.pay.clone(), cfg)
+    }
+
+    async fn refund_row(&self, b: &Booking) -> Option<storage::refunds::RefundRow> {
+        storage::refunds::find_for_payment(&mut *self.conn().await, &b.payment).await.unwrap()
+    }
+
+    /// Waits until the refund of `b` is in `status` here.
+    async fn until_refund(&self, b: &Booking, status: RefundStatus) -> storage::refunds::RefundRow {
+        testkit::eventually(WAIT, &format!("refund {status:?}"), || async {
+            self.refund_row(b).await.filter(|r| r.status() == status)
+        })
+        .await
+    }
+
+    /// Dead-letter reasons of `consumer`.
+    async fn dead_letters(&self, consumer: &str) -> Vec<String> {
+        let stream = self.js.get_stream(self.t().dlq_stream()).await.unwrap();
+        let n = stream.get_info().await.unwrap().state.last_sequence;
+        let mut reasons = Vec::new();
+        for seq in 1..=n {
+            if let Ok(m) = stream.get_raw_message(seq).await
+                && m.subject.as_str() == self.t().dlq_subject(consumer)
+            {
+                reasons
+                    .push(m.headers.get(bus::headers::DLQ_REASON).map(|v| v.as_str().to_owned()).unwrap_or_default());
+            }
+        }
+        reasons
     }
 
     async fn conn(&self) -> storage::PooledConn {
@@ -561,4 +614,255 @@ async fn a_pass_closes_at_most_a_batch_oldest_deadline_first() {
         assert_eq!(state(&env, b).await, (PayStatus::Waiting, TradeState::WaitPay));
     }
     assert_eq!(closer.close_due(now).await.unwrap(), CloseReport { due: 10, closed: 10, ..Default::default() });
+}
+
+/// What WeChat says about the booking's transaction, as the reconciler would publish it.
+async fn report_from_wechat(env: &Env, b: &Booking) {
+    let t = env.pay.query_by_out_trade_no(b.payment.as_str()).await.unwrap();
+    let amount = t.amount.as_ref();
+    let report = bus::events::WechatTransactionReported {
+        source: bus::events::ReportSource::Query,
+        notification_id: None,
+        appid: t.appid.clone(),
+        mchid: t.mchid.clone(),
+        out_trade_no: t.out_trade_no.clone(),
+        transaction_id: t.transaction_id.clone(),
+        trade_type: t.trade_type.clone(),
+        trade_state: t.trade_state.as_str().to_owned(),
+        trade_state_desc: t.trade_state_desc.clone(),
+        success_time: Some(Utc::now()),
+        amount_total: amount.and_then(|a| a.total),
+        currency: amount.and_then(|a| a.currency.clone()),
+    };
+    env.publisher.publish(&report.envelope()).await.unwrap();
+}
+
+/// WeChat's refund of the booking as a `REFUND.*` callback would bring it, with its own notification id.
+fn refund_callback(refund: &wechat::Refund, notification_id: &str) -> bus::events::WechatRefundReported {
+    let mut r = processors::refund::refund_report(refund.clone());
+    r.source = bus::events::ReportSource::Callback;
+    r.notification_id = Some(notification_id.to_owned());
+    r
+}
+
+fn refund_success(payload: &str) -> bool {
+    payload.contains("\"refund_success\"")
+}
+
+/// A close that never reached WeChat (closed here only), then the user pays: the payment processor asks for the
+/// money back. WeChat's answer to the first refund call is lost (the call times out after WeChat made the refund);
+/// the retry asks for the same out_refund_no and WeChat refunds once. The reconciler learns the refund succeeded.
+#[tokio::test(flavor = "multi_thread")]
+async fn money_paid_for_a_closed_order_goes_back_once_even_when_the_refund_answer_is_lost() {
+    let env = Env::new().await;
+    let b = book(&env).await;
+    {
+        let mut c = env.conn().await;
+        storage::payments::transition(&mut c, &b.payment, PayStatus::Waiting, PayStatus::Closed, "CLOSED")
+            .await
+            .unwrap();
+        storage::orders::transition(&mut c, &b.order, TradeState::WaitPay, TradeState::Cancelled).await.unwrap();
+    }
+    let late = sandbox::Fault::LateAnswer { api: sandbox::Api::CreateRefund, ms: 1500, times: Some(1) };
+    env.control.fault(&late).await.unwrap();
+    let (token, tasks) = env.start();
+    env.control.pay(b.payment.as_str(), "SUCCESS").await.unwrap();
+    report_from_wechat(&env, &b).await;
+    let processing = env.until_refund(&b, RefundStatus::Processing).await;
+    let at_wechat = env.control.refunds(Some(b.payment.as_str())).await.unwrap();
+    assert_eq!(at_wechat.len(), 1, "the retried request made no second refund: {at_wechat:?}");
+    assert_eq!(at_wechat[0].out_refund_no, processing.sn);
+    assert_eq!(at_wechat[0].amount.refund, 59800);
+    assert_eq!(processing.wechat_refund_id.as_deref(), Some(at_wechat[0].refund_id.as_str()));
+    // The refund callback is lost (nobody listens at the notify_url); the reconciler asks once WeChat settled it.
+    let reconciler = env.refund_reconciler();
+    let done = testkit::eventually(WAIT, "WeChat settled the refund", || async {
+        let r = env.control.refunds(Some(b.payment.as_str())).await.unwrap();
+        (r[0].status == wechat::RefundStatus::Success).then_some(r[0].clone())
+    })
+    .await;
+    let report = reconciler.reconcile_due(Utc::now() + TimeDelta::minutes(2)).await.unwrap();
+    assert_eq!((report.checked, report.published), (1, 1), "{report:?}");
+    let succeeded = env.until_refund(&b, RefundStatus::Succeeded).await;
+    assert!(succeeded.success_time.is_some());
+    // Settled refunds are not asked about again.
+    assert_eq!(reconciler.reconcile_due(Utc::now() + TimeDelta::minutes(4)).await.unwrap().checked, 0);
+    // WeChat's callback arrives after all, twice, then the PROCESSING answer again out of order: nothing changes.
+    for id in ["n-1", "n-2"] {
+        env.publisher.publish(&refund_callback(&done, id).envelope()).await.unwrap();
+    }
+    env.publisher.publish(&refund_callback(&at_wechat[0], "n-3").envelope()).await.unwrap();
+    testkit::eventually(WAIT, "outbox drained and notification requested", || async {
+        let notes = env.payloads(Subject::NotifyMiniprogram).await;
+        (env.outbox_len().await == 0 && notes.iter().any(|n| refund_success(n))).then_some(())
+    })
+    .await;
+    let again = env.refund_reconciler();
+    assert_eq!(again.reconcile_due(Utc::now() + TimeDelta::minutes(10)).await.unwrap().checked, 0);
+    stop(token, tasks).await;
+    let notes = env.payloads(Subject::NotifyMiniprogram).await;
+    assert_eq!(notes.iter().filter(|n| refund_success(n)).count(), 1, "the user is told once: {notes:?}");
+    assert_eq!(state(&env, &b).await, (PayStatus::Closed, TradeState::Cancelled), "closed stays closed");
+    assert_eq!(env.refund_row(&b).await.unwrap().status(), RefundStatus::Succeeded);
+    assert_eq!(env.control.refunds(Some(b.payment.as_str())).await.unwrap().len(), 1);
+    assert_eq!(env.count(Subject::RefundRequested).await, 1);
+    assert!(env.dead_letters("refund").await.is_empty() && env.dead_letters("refund-status").await.is_empty());
+}
+
+/// The user asks for their money back (a paid order before the stay): the payment and the order are refunded
+/// and the user told once; asking again changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_requested_refund_refunds_the_payment_and_the_order_once() {
+    let env = Env::new().await;
+    let b = book(&env).await;
+    let (token, tasks) = env.start();
+    env.control.pay(b.payment.as_str(), "SUCCESS").await.unwrap();
+    report_from_wechat(&env, &b).await;
+    testkit::eventually(WAIT, "order paid", || async {
+        (state(&env, &b).await == (PayStatus::Paid, TradeState::WaitUse)).then_some(())
+    })
+    .await;
+    let payment = storage::payments::find_by_sn(&mut *env.conn().await, &b.payment).await.unwrap().unwrap();
+    let ask = bus::events::RefundRequested {
+        payment_sn: b.payment.clone(),
+        order_sn: b.order.clone(),
+        user_id: UserId(payment.user_id),
+        reason: bus::events::RefundReason::UserRequested,
+        amount: payment.total(),
+    };
+    env.publisher.publish(&ask.clone().envelope()).await.unwrap();
+    env.until_refund(&b, RefundStatus::Processing).await;
+    let done = testkit::eventually(WAIT, "WeChat settled the refund", || async {
+        let r = env.control.refunds(Some(b.payment.as_str())).await.unwrap();
+        (r.len() == 1 && r[0].status == wechat::RefundStatus::Success).then_some(r[0].clone())
+    })
+    .await;
+    // The callback this time (the same notification twice: WeChat's retry).
+    env.publisher.publish(&refund_callback(&done, "r-1").envelope()).await.unwrap();
+    env.publisher.publish(&refund_callback(&done, "r-1").envelope()).await.unwrap();
+    env.until_refund(&b, RefundStatus::Succeeded).await;
+    testkit::eventually(WAIT, "payment and order refunded", || async {
+        (state(&env, &b).await == (PayStatus::Refunded, TradeState::Refunded)).then_some(())
+    })
+    .await;
+    // A second request for the same payment: the refund exists and is settled, WeChat is not asked again.
+    let mut again = ask.envelope();
+    again.id = uuid::Uuid::new_v4();
+    env.publisher.publish(&again).await.unwrap();
+    let stream = env.js.get_stream(env.t().stream_of(Subject::RefundRequested)).await.unwrap();
+    testkit::eventually(WAIT, "both requests handled", || {
+        let s = stream.clone();
+        async move {
+            let mut c: jetstream::consumer::PullConsumer = s.get_consumer("refund").await.ok()?;
+            let i = c.info().await.ok()?;
+            (i.num_pending == 0 && i.num_ack_pending == 0 && i.delivered.stream_sequence >= 2).then_some(())
+        }
+    })
+    .await;
+    testkit::eventually(WAIT, "outbox drained", || async { (env.outbox_len().await == 0).then_some(()) }).await;
+    stop(token, tasks).await;
+    assert_eq!(env.control.refunds(Some(b.payment.as_str())).await.unwrap().len(), 1);
+    let notes = env.payloads(Subject::NotifyMiniprogram).await;
+    assert_eq!(notes.iter().filter(|n| refund_success(n)).count(), 1, "{notes:?}");
+    let statuses = env.payloads(Subject::PaymentStatus).await;
+    assert_eq!(statuses.iter().filter(|p| p.contains("\"refunded\"")).count(), 1, "{statuses:?}");
+    let orders = env.payloads(Subject::OrderStatus).await;
+    assert_eq!(orders.iter().filter(|p| p.contains("\"refunded\"")).count(), 1, "{orders:?}");
+    assert!(env.dead_letters("refund").await.is_empty() && env.dead_letters("refund-status").await.is_empty());
+}
+
+/// Reports that match no refund of ours, or disagree with it, are dead-lettered and change nothing; a refund for
+/// a payment that never got its money is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn refund_reports_that_do_not_match_are_dead_lettered() {
+    let env = Env::new().await;
+    let b = book(&env).await;
+    let (token, tasks) = env.start();
+    let mut c = env.conn().await;
+    storage::payments::transition(&mut c, &b.payment, PayStatus::Waiting, PayStatus::Closed, "CLOSED").await.unwrap();
+    let payment = storage::payments::find_by_sn(&mut c, &b.payment).await.unwrap().unwrap();
+    storage::refunds::insert_or_get(&mut c, &storage::refunds::NewRefund::full(&payment, false)).await.unwrap();
+    drop(c);
+    let sn = storage::RefundSn::for_payment(&b.payment);
+    let base = bus::events::WechatRefundReported {
+        source: bus::events::ReportSource::Callback,
+        notification_id: Some("x".into()),
+        mchid: Some(env.pay.settings().mchid.clone()),
+        out_trade_no: b.payment.to_string(),
+        out_refund_no: sn.to_string(),
+        refund_id: "50000000382019052709732678859".into(),
+        status: "SUCCESS".into(),
+        success_time: Some(Utc::now()),
+        amount_refund: 59800,
+        amount_total: 59800,
+    };
+    let cases = [
+        (
+            "wrong amount",
+            bus::events::WechatRefundReported { amount_refund: 100, notification_id: Some("a".into()), ..base.clone() },
+        ),
+        (
+            "unknown refund",
+            bus::events::WechatRefundReported {
+                out_refund_no: "RFD0000000000000000000001".into(),
+                notification_id: Some("b".into()),
+                ..base.clone()
+            },
+        ),
+        (
+            "not a refund sn",
+            bus::events::WechatRefundReported {
+                out_refund_no: "'; drop table refund".into(),
+                notification_id: Some("c".into()),
+                ..base.clone()
+            },
+        ),
+        (
+            "foreign merchant",
+            bus::events::WechatRefundReported {
+                mchid: Some("1900000109".into()),
+                notification_id: Some("d".into()),
+                ..base.clone()
+            },
+        ),
+        (
+            "unknown status",
+            bus::events::WechatRefundReported {
+                status: "MAYBE".into(),
+                notification_id: Some("e".into()),
+                ..base.clone()
+            },
+        ),
+    ];
+    for (_, r) in &cases {
+        env.publisher.publish(&r.clone().envelope()).await.unwrap();
+    }
+    // A refund for a payment still waiting for its money: refused.
+    let other = book(&env).await;
+    let ask = bus::events::RefundRequested {
+        payment_sn: other.payment.clone(),
+        order_sn: other.order.clone(),
+        user_id: UserId(payment.user_id),
+        reason: bus::events::RefundReason::UserRequested,
+        amount: Fen::new(59800).unwrap(),
+    };
+    env.publisher.publish(&ask.envelope()).await.unwrap();
+    let letters = testkit::eventually(WAIT, "every bad report dead-lettered", || async {
+        let l = env.dead_letters("refund-status").await;
+        (l.len() == cases.len()).then_some(l)
+    })
+    .await;
+    let refused = testkit::eventually(WAIT, "the unpaid refund refused", || async {
+        let l = env.dead_letters("refund").await;
+        (!l.is_empty()).then_some(l)
+    })
+    .await;
+    stop(token, tasks).await;
+    assert!(letters.iter().any(|l| l.contains("59800") && l.contains("100")), "{letters:?}");
+    assert!(letters.iter().any(|l| l.contains("not ours")), "{letters:?}");
+    assert!(letters.iter().any(|l| l.contains("MAYBE")), "{letters:?}");
+    assert!(refused[0].contains("still waiting"), "{refused:?}");
+    assert_eq!(env.refund_row(&b).await.unwrap().status(), RefundStatus::Requested, "nothing changed");
+    assert!(env.refund_row(&other).await.is_none());
+    assert!(env.control.refunds(None).await.unwrap().is_empty(), "WeChat was never asked");
 }

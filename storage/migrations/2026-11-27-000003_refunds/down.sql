@@ -1,0 +1,1 @@
+DROP INDEX IF EXISTS refund_open_by_update;
