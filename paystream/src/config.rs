@@ -37,6 +37,9 @@ pub struct Config {
     /// Asking WeChat about payments still waiting (the lifecycle processor).
     #[serde(default)]
     pub reconcile: processors::ReconcileConfig,
+    /// Refunds: asking WeChat about refunds it has not settled (the lifecycle processor).
+    #[serde(default)]
+    pub refund: processors::RefundConfig,
     /// Subscribe messages and SMS: templates and the mini-program environment; needed by the notifier.
     pub notifier: Option<notifier::NotifierConfig>,
 }
@@ -114,6 +117,7 @@ impl Config {
         check(self.outbox.validate());
         check(self.timeout.validate().map_err(|e| e.to_string()));
         check(self.reconcile.validate().map_err(|e| e.to_string()));
+        check(self.refund.validate());
         if let Some(h) = &self.http {
             check(h.validate());
         }

@@ -140,7 +140,9 @@ pub enum Processor {
     Payment,
     /// `payment.status` → order state and notification requests.
     Order,
-    /// Closes unpaid orders past their deadline (WeChat first) and asks WeChat about payments still waiting.
+    /// Closes unpaid orders past their deadline (WeChat first), asks WeChat about payments still waiting, and
+    /// refunds: `refund.requested` → WeChat's refund API, `wechat.refund` → refund, payment and order state, and
+    /// queries about refunds WeChat has not settled.
     Lifecycle,
 }
 
@@ -171,9 +173,33 @@ fn spawn_processor(
             let pay = wechat::PayClient::from_config(wechat)?;
             let closer =
                 processors::TimeoutCloser::new(pool.clone(), publisher.clone(), pay.clone(), cfg.timeout.clone());
-            let reconciler = processors::Reconciler::new(pool, publisher, pay, cfg.reconcile.clone());
+            let reconciler =
+                processors::Reconciler::new(pool.clone(), publisher.clone(), pay.clone(), cfg.reconcile.clone());
+            let refunds =
+                processors::RefundReconciler::new(pool.clone(), publisher.clone(), pay.clone(), cfg.refund.clone());
+            let mchid = wechat.mchid.clone();
             tokio::spawn(async move {
-                tokio::join!(closer.run(shutdown.clone()), reconciler.run(shutdown));
+                // A consumer that cannot run stops the whole role (the caller then stops the process), rather than
+                // leaving the closer running without its refunds.
+                let stop = shutdown.child_token();
+                let failed = |r: Result<(), bus::BusError>| {
+                    if r.is_err() {
+                        stop.cancel();
+                    }
+                    r
+                };
+                let (p2, pool2, c2) = (publisher.clone(), pool.clone(), consumer.clone());
+                let (requests, status, ..) = tokio::join!(
+                    async { failed(processors::run_refund_requests(p2, pool2, pay, c2, stop.clone()).await) },
+                    async {
+                        failed(processors::run_refund_status(publisher, pool, &mchid, consumer, stop.clone()).await)
+                    },
+                    closer.run(stop.clone()),
+                    reconciler.run(stop.clone()),
+                    refunds.run(stop.clone()),
+                );
+                requests?;
+                status?;
                 Ok(())
             })
         }
