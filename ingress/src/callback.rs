@@ -1,10 +1,12 @@
-//! `POST /payment/v1/thirdPayment/thirdPaymentWxPayCallback`: WeChat tells us a payment succeeded.
+//! `POST /payment/v1/thirdPayment/thirdPaymentWxPayCallback`: WeChat tells us a payment succeeded
+//! (`TRANSACTION.SUCCESS`) or a refund settled (`REFUND.SUCCESS`, `REFUND.ABNORMAL`, `REFUND.CLOSED`; refund
+//! requests name this same URL).
 //!
-//! Verify the signature over the raw body, decrypt, publish `wechat.transaction` with WeChat's notification id as
-//! the message id, and answer 204 only after JetStream's PubAck. Anything else is answered with WeChat's
-//! `{"code":"FAIL","message"}` so WeChat tries again later: 401 for what we will never accept (forged, stale,
-//! probe, undecryptable), 503 for what we could not store (NATS down) or cannot store yet (refund notices, until
-//! `bus` has an event for them; WeChat retries for 24 hours).
+//! Verify the signature over the raw body, decrypt, publish `wechat.transaction` or `wechat.refund` with WeChat's
+//! notification id as the message id, and answer 204 only after JetStream's PubAck. Anything else is answered with
+//! WeChat's `{"code":"FAIL","message"}` so WeChat tries again later: 401 for what we will never accept (forged,
+//! stale, probe, undecryptable; the body says only that verification failed, the reason goes to the log and the
+//! metric), 503 for what we could not store (NATS down; WeChat retries for 24 hours).
 
 use std::time::Duration;
 
@@ -12,7 +14,8 @@ use axum::body::Bytes;
 use axum::extract::{FromRequest as _, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use bus::events::ReportSource;
+use bus::events::{ReportSource, WechatRefundReported};
+use bus::{Envelope, Event};
 use serde_json::json;
 use wechat::{NotifyError, NotifyPayload, VerifyError};
 
@@ -57,7 +60,8 @@ pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
     // ids are configured, never downloaded).
     if let Err(NotifyError::Verify(VerifyError::UnknownSerial(serial))) = &read
         && state.deps.wechat.platform_certificates
-        && !serial.starts_with("PUB_KEY_ID_")
+        && is_certificate_serial(serial)
+        && state.cert_refresh.try_refresh().await
     {
         match state.deps.pay.download_certificates().await {
             Ok(_) => read = state.reader.read(headers, &body, unix_now()),
@@ -70,28 +74,67 @@ pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
             let outcome = outcome_of(&e);
             metrics::callback(outcome);
             tracing::warn!(outcome = outcome.as_str(), error = %e, "callback refused");
-            return fail(StatusCode::UNAUTHORIZED, &format!("callback refused: {e}"));
+            // The caller may be anyone: the body does not say which check failed.
+            return fail(StatusCode::UNAUTHORIZED, "callback refused: verification failed");
         }
     };
     let notification_id = verified.notification.id.clone();
-    let t = match verified.payload {
-        NotifyPayload::Transaction(t) => t,
-        NotifyPayload::Refund(r) => {
-            metrics::callback(CallbackOutcome::RefundDeferred);
-            tracing::warn!(
-                notification_id,
-                out_refund_no = %r.out_refund_no,
-                "refund callback not accepted yet: WeChat will retry it"
-            );
-            return fail(StatusCode::SERVICE_UNAVAILABLE, "refund notifications are not accepted yet, retry later");
+    match verified.payload {
+        NotifyPayload::Transaction(t) => {
+            let report = report(ReportSource::Callback, Some(notification_id.clone()), t);
+            let out_trade_no = report.out_trade_no.clone();
+            publish(&state, report.envelope(), &notification_id, &out_trade_no).await
         }
-    };
-    let report = report(ReportSource::Callback, Some(notification_id.clone()), t);
-    let out_trade_no = report.out_trade_no.clone();
-    match tokio::time::timeout(PUBLISH_BUDGET, state.deps.publisher.publish(&report.envelope())).await {
+        NotifyPayload::Refund(r) => {
+            let report = WechatRefundReported {
+                source: ReportSource::Callback,
+                notification_id: Some(notification_id.clone()),
+                mchid: Some(r.mchid),
+                out_trade_no: r.out_trade_no,
+                out_refund_no: r.out_refund_no,
+                refund_id: r.refund_id,
+                status: refund_status(r.refund_status).to_owned(),
+                success_time: r
+                    .success_time
+                    .as_deref()
+                    .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+                    .map(|d| d.with_timezone(&chrono::Utc)),
+                amount_refund: r.amount.refund,
+                amount_total: r.amount.total,
+            };
+            let out_trade_no = report.out_trade_no.clone();
+            publish(&state, report.envelope(), &notification_id, &out_trade_no).await
+        }
+    }
+}
+
+fn refund_status(s: wechat::RefundStatus) -> &'static str {
+    match s {
+        wechat::RefundStatus::Success => "SUCCESS",
+        wechat::RefundStatus::Closed => "CLOSED",
+        wechat::RefundStatus::Processing => "PROCESSING",
+        wechat::RefundStatus::Abnormal => "ABNORMAL",
+    }
+}
+
+/// Platform certificate serials are 40 hex digits (up to 40: leading zeros may be dropped). Anything else cannot
+/// be one of WeChat's certificates, so it never triggers a download.
+fn is_certificate_serial(serial: &str) -> bool {
+    (8..=40).contains(&serial.len()) && serial.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Publishes a verified notification and answers WeChat: 204 after the PubAck, 503 otherwise.
+async fn publish<E: Event>(state: &AppState, env: Envelope<E>, notification_id: &str, out_trade_no: &str) -> Response {
+    match tokio::time::timeout(PUBLISH_BUDGET, state.deps.publisher.publish(&env)).await {
         Ok(Ok(ack)) => {
             metrics::callback(CallbackOutcome::Published);
-            tracing::info!(notification_id, out_trade_no, duplicate = ack.duplicate, "callback published");
+            tracing::info!(
+                notification_id,
+                out_trade_no,
+                kind = E::TYPE,
+                duplicate = ack.duplicate,
+                "callback published"
+            );
             StatusCode::NO_CONTENT.into_response()
         }
         Ok(Err(e)) => {
@@ -104,5 +147,57 @@ pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
             tracing::error!(notification_id, out_trade_no, "callback not stored: no PubAck in time");
             fail(StatusCode::SERVICE_UNAVAILABLE, "temporarily unable to store the notification, retry later")
         }
+    }
+}
+
+/// Certificate downloads triggered by callbacks with an unknown serial: one at a time, at most one a minute, so
+/// forged callbacks cannot make us hammer WeChat (each download is a signed API call on the merchant's quota).
+pub(crate) struct CertRefresh {
+    last: tokio::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+impl CertRefresh {
+    const EVERY: Duration = Duration::from_secs(60);
+
+    pub(crate) fn new() -> Self {
+        CertRefresh { last: tokio::sync::Mutex::new(None) }
+    }
+
+    /// Whether this caller may download now (it then holds the minute). Concurrent callers wait for the one that
+    /// goes first and are refused: by then the download has happened.
+    async fn try_refresh(&self) -> bool {
+        let mut last = self.last.lock().await;
+        let now = tokio::time::Instant::now();
+        if last.is_some_and(|t| now.duration_since(t) < Self::EVERY) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_hex_serials_can_name_a_certificate() {
+        assert!(is_certificate_serial("5157F09EFDC096DE15EBE81A47057A7232F1B8E1"));
+        assert!(is_certificate_serial("45f59d4dabf31918afcec556d5d2c6e376675d57"));
+        assert!(!is_certificate_serial("PUB_KEY_ID_0114232134912410000000000000"));
+        assert!(!is_certificate_serial("../../etc/passwd"));
+        assert!(!is_certificate_serial(&"A".repeat(41)));
+        assert!(!is_certificate_serial(""));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn certificate_downloads_are_at_most_one_a_minute() {
+        let r = CertRefresh::new();
+        assert!(r.try_refresh().await);
+        assert!(!r.try_refresh().await);
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert!(!r.try_refresh().await);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(r.try_refresh().await);
     }
 }

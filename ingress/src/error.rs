@@ -120,6 +120,8 @@ pub mod conflict {
     pub const CLOSED_AT_WECHAT: u32 = 40903;
     pub const DEADLINE_PASSED: u32 = 40904;
     pub const CHANGED_AT_WECHAT: u32 = 40905;
+    pub const NOT_REFUNDABLE: u32 = 40906;
+    pub const STAY_STARTED: u32 = 40907;
 }
 
 impl From<storage::StorageError> for ApiError {

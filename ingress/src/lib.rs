@@ -69,6 +69,7 @@ pub(crate) struct Inner {
     pub reader: wechat::NotificationReader,
     pub status_limiter: routes::payment::QueryLimiter,
     pub login_throttle: routes::user::LoginThrottle,
+    pub cert_refresh: callback::CertRefresh,
 }
 
 impl std::ops::Deref for AppState {
@@ -93,6 +94,7 @@ pub fn router(deps: Deps) -> Router {
         reader: deps.pay.notification_reader(),
         status_limiter: routes::payment::QueryLimiter::new(cfg.status_query_interval),
         login_throttle: routes::user::LoginThrottle::new(),
+        cert_refresh: callback::CertRefresh::new(),
         deps,
     }));
 
@@ -104,6 +106,7 @@ pub fn router(deps: Deps) -> Router {
         .route("/order/v1/homestayOrder/createHomestayOrder", post(routes::order::create))
         .route("/order/v1/homestayOrder/userHomestayOrderList", post(routes::order::list))
         .route("/order/v1/homestayOrder/userHomestayOrderDetail", post(routes::order::detail))
+        .route("/order/v1/homestayOrder/refundHomestayOrder", post(routes::order::refund))
         .route("/payment/v1/thirdPayment/thirdPaymentWxPay", post(routes::payment::prepay))
         .route("/payment/v1/thirdPayment/thirdPaymentWxPayStatus", post(routes::payment::status))
         .route(CALLBACK_PATH, post(callback::handle))

@@ -72,7 +72,6 @@ pub enum CallbackOutcome {
     Undecryptable,
     Malformed,
     PublishFailed,
-    RefundDeferred,
 }
 
 impl CallbackOutcome {
@@ -85,7 +84,6 @@ impl CallbackOutcome {
             CallbackOutcome::Undecryptable => "undecryptable",
             CallbackOutcome::Malformed => "malformed",
             CallbackOutcome::PublishFailed => "publish_failed",
-            CallbackOutcome::RefundDeferred => "refund_deferred",
         }
     }
 }

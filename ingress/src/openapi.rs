@@ -111,6 +111,14 @@ pub fn document() -> Value {
                 obj(&["sn"], json!({ "sn": { "type": "string" } })),
                 json!({ "allOf": [order, { "type": "object", "properties": { "payTime": { "type": "integer" }, "payType": { "type": "string" } } }] }),
                 &[bad, unauth, not_found]),
+            "/order/v1/homestayOrder/refundHomestayOrder": op("Give back a paid order before the stay starts: the whole payment is refunded (asking again answers with the refund under way)", true,
+                obj(&["sn"], json!({ "sn": { "type": "string" } })),
+                json!({ "type": "object", "properties": {
+                    "orderSn": { "type": "string" },
+                    "refundState": { "type": "string", "enum": ["requested", "processing", "succeeded", "failed"] },
+                    "refundTotal": { "type": "integer", "description": "fen" }
+                } }),
+                &[bad, unauth, not_found, ("409", "not paid, already used or refunded (40906), or the stay has started (40907)")]),
             "/payment/v1/thirdPayment/thirdPaymentWxPay": op("WeChat JSAPI prepay: the parameters for wx.requestPayment", true,
                 obj(&["orderSn", "serviceType"], json!({ "orderSn": { "type": "string" }, "serviceType": { "type": "string", "enum": ["homestayOrder"] } })),
                 json!({ "type": "object", "properties": {

@@ -1,4 +1,4 @@
-//! `/order/v1/homestayOrder/*`: book a homestay, list and read one's own orders.
+//! `/order/v1/homestayOrder/*`: book a homestay, list and read one's own orders, ask for a refund.
 
 use axum::extract::State;
 use chrono::{DateTime, FixedOffset, TimeZone as _, Utc};
@@ -9,7 +9,7 @@ use storage::{Fen, HomestayId, OrderId, OrderSn, PayStatus, TradeState, homestay
 
 use crate::AppState;
 use crate::auth::AuthUser;
-use crate::error::{ApiError, ApiJson, ApiResult, Data};
+use crate::error::{ApiError, ApiJson, ApiResult, Data, conflict};
 
 const DAY: i64 = 86_400;
 /// Longer stays are surely a client bug (and would risk overflowing prices).
@@ -300,4 +300,94 @@ pub async fn detail(
         None => (0, String::new()),
     };
     Ok(Data(DetailResp { order: order.into(), pay_time, pay_type }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefundReq {
+    sn: String,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RefundResp {
+    order_sn: String,
+    /// `requested` (WeChat is being asked), `processing` (WeChat is paying it back), `succeeded` or `failed`.
+    refund_state: &'static str,
+    /// Fen to be paid back: the whole payment.
+    refund_total: i64,
+}
+
+fn refund_state(s: storage::RefundStatus) -> &'static str {
+    match s {
+        storage::RefundStatus::Requested => "requested",
+        storage::RefundStatus::Processing => "processing",
+        storage::RefundStatus::Succeeded => "succeeded",
+        storage::RefundStatus::Failed => "failed",
+    }
+}
+
+/// `POST /order/v1/homestayOrder/refundHomestayOrder {sn}`: the user gives back a paid order before the stay
+/// starts and gets the whole payment back. The request is written to the outbox with the check, in one
+/// transaction; the lifecycle processor asks WeChat and, when WeChat has paid it back, marks the order refunded and
+/// tells the user. Asking again answers with the refund already under way.
+pub async fn refund(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    ApiJson(req): ApiJson<RefundReq>,
+) -> ApiResult<RefundResp> {
+    use bus::events::{RefundReason, RefundRequested};
+    use storage::{AsyncConnection as _, StorageError, refunds};
+    let sn = order_sn(&req.sn)?;
+    let now = Utc::now();
+    let mut conn = state.conn().await?;
+    let result = conn
+        .transaction::<_, ApiError, _>(async |c| {
+            // Own orders only; locked so two taps of the button check and write one after the other.
+            orders::find_for_user(c, user, &sn).await?.ok_or(ApiError::NotFound("order"))?;
+            let order = orders::lock_by_sn(c, &sn).await?.ok_or(ApiError::NotFound("order"))?;
+            let paid = payments::list_for_order(c, &sn)
+                .await?
+                .into_iter()
+                .find(|p| matches!(p.status(), PayStatus::Paid | PayStatus::Refunded));
+            if let Some(p) = &paid
+                && let Some(r) = refunds::find_for_payment(c, &p.sn()).await?
+            {
+                return Ok(RefundResp {
+                    order_sn: sn.to_string(),
+                    refund_state: refund_state(r.status()),
+                    refund_total: r.refund_total,
+                });
+            }
+            if order.state() != TradeState::WaitUse {
+                return Err(ApiError::conflict(
+                    conflict::NOT_REFUNDABLE,
+                    format!("only a paid order waiting for its stay can be refunded; this one is {:?}", order.state()),
+                ));
+            }
+            if order.live_start_date <= now {
+                return Err(ApiError::conflict(
+                    conflict::STAY_STARTED,
+                    "the stay has started: it can no longer be refunded",
+                ));
+            }
+            let payment = paid
+                .ok_or_else(|| ApiError::Internal(format!("order {sn} waits for its stay but has no paid payment")))?;
+            let ask = RefundRequested {
+                payment_sn: payment.sn(),
+                order_sn: sn.clone(),
+                user_id: user,
+                reason: RefundReason::UserRequested,
+                amount: payment.total(),
+            };
+            match bus::enqueue(c, &ask.envelope()).await {
+                // Asked a moment ago and not yet picked up: the same request (same event id) is already queued.
+                Ok(()) | Err(StorageError::Conflict { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            Ok(RefundResp { order_sn: sn.to_string(), refund_state: "requested", refund_total: payment.pay_total })
+        })
+        .await?;
+    tracing::info!(order = %sn, refund_state = result.refund_state, "refund asked for by the user");
+    Ok(Data(result))
 }

@@ -188,12 +188,28 @@ async fn forged_tampered_stale_probe_and_undecryptable_callbacks_are_refused_and
         assert!(metrics.contains(&format!("paystream_callbacks_total{{outcome=\"{outcome}\"}}")), "{outcome}");
     }
 
-    // A refund notice cannot be stored as an event yet: 503 so that WeChat keeps it and retries.
+    // The body names no check: a forger learns nothing from it.
+    let (_, answer) = send(&app, &forge.headers(&other_key, now, &body2), body2.clone()).await;
+    assert_eq!(answer["message"], "callback refused: verification failed");
+
+    // A refund notice goes to wechat.refund, once however often WeChat sends it; a forged one nowhere.
     let refund = forge.refund_body(&app);
-    let (status, answer) = send(&app, &forge.headers(&forge.platform, now, &refund), refund).await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
-    assert_eq!(answer["code"], "FAIL");
-    assert_eq!(app.events().await.len(), 1);
+    for _ in 0..2 {
+        let (status, answer) = send(&app, &forge.headers(&forge.platform, now, &refund), refund.clone()).await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{answer}");
+    }
+    let (status, _) = send(&app, &forge.headers(&other_key, now, &refund), refund.clone()).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let refunds = app.events_on::<bus::events::WechatRefundReported>().await;
+    assert_eq!(refunds.len(), 1, "{refunds:?}");
+    let r = &refunds[0].payload;
+    assert_eq!(
+        (r.out_refund_no.as_str(), r.status.as_str(), r.amount_refund),
+        ("RFD20261127100000000000009", "SUCCESS", 100)
+    );
+    assert_eq!(r.mchid.as_deref(), Some(app.wechat.mchid.as_str()));
+    assert!(r.success_time.is_some());
+    assert_eq!(app.events().await.len(), 1, "no transaction event from a refund notice");
 
     // Oversized bodies get WeChat's body shape too.
     let (status, answer) = send(&app, &[], vec![b' '; 100 * 1024]).await;

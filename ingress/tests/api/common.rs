@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::AckPolicy, consumer::pull};
 use bus::events::WechatTransactionReported;
-use bus::{Envelope, Publisher, Subject, Topology};
+use bus::{Envelope, Publisher, Topology};
 use figment::Figment;
 use figment::providers::{Format as _, Toml};
 use futures::StreamExt as _;
@@ -209,14 +209,19 @@ impl TestApp {
 
     /// Every `wechat.transaction` event so far, read with an ephemeral consumer from the start of the stream.
     pub async fn events(&self) -> Vec<Envelope<WechatTransactionReported>> {
-        let stream = self.js.get_stream(self.topology.stream_of(Subject::WechatTransaction)).await.unwrap();
+        self.events_on::<WechatTransactionReported>().await
+    }
+
+    /// Every event stored on `E`'s subject.
+    pub async fn events_on<E: bus::Event>(&self) -> Vec<Envelope<E>> {
+        let stream = self.js.get_stream(self.topology.stream_of(E::SUBJECT)).await.unwrap();
         let pending = stream.get_info().await.unwrap().state.messages;
         if pending == 0 {
             return Vec::new();
         }
         let consumer = stream
             .create_consumer(pull::Config {
-                filter_subject: self.topology.subject(Subject::WechatTransaction),
+                filter_subject: self.topology.subject(E::SUBJECT),
                 ack_policy: AckPolicy::None,
                 inactive_threshold: Duration::from_secs(5),
                 ..Default::default()
@@ -227,7 +232,7 @@ impl TestApp {
             consumer.fetch().max_messages(1000).expires(Duration::from_millis(300)).messages().await.unwrap();
         let mut out = Vec::new();
         while let Some(Ok(msg)) = batch.next().await {
-            out.push(Envelope::<WechatTransactionReported>::decode(&msg.payload).expect("a wechat.transaction event"));
+            out.push(Envelope::<E>::decode(&msg.payload).expect("an event of the subject's type"));
         }
         out
     }

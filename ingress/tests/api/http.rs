@@ -96,6 +96,7 @@ async fn request_ids_health_metrics_openapi_and_graceful_shutdown() {
     for path in [
         "/usercenter/v1/user/wxMiniAuth",
         "/order/v1/homestayOrder/createHomestayOrder",
+        "/order/v1/homestayOrder/refundHomestayOrder",
         "/payment/v1/thirdPayment/thirdPaymentWxPay",
         "/payment/v1/thirdPayment/thirdPaymentWxPayStatus",
         ingress::CALLBACK_PATH,

@@ -123,3 +123,112 @@ async fn seed_inserts_demo_homestays_once() {
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "the last demo homestay is unlisted");
 }
+
+const REFUND: &str = "/order/v1/homestayOrder/refundHomestayOrder";
+
+/// Marks the order's open payment paid and the order waiting for its stay, as the processors would.
+async fn pay_directly(app: &crate::common::TestApp, token: &str, order: &str) -> storage::PaymentSn {
+    let (status, b) = app.prepay(token, order).await;
+    assert_eq!(status, StatusCode::OK, "{b}");
+    let order = storage::OrderSn::parse(order).unwrap();
+    let mut c = app.conn().await;
+    let payment = storage::payments::find_open_for_order(&mut c, &order).await.unwrap().unwrap().sn();
+    let paid = storage::payments::PaidDetails {
+        transaction_id: "4200000000202611270000000001".into(),
+        trade_type: "JSAPI".into(),
+        trade_state: "SUCCESS".into(),
+        trade_state_desc: "支付成功".into(),
+        pay_time: chrono::Utc::now(),
+    };
+    storage::payments::mark_paid(&mut c, &payment, &paid).await.unwrap();
+    storage::orders::transition(&mut c, &order, storage::TradeState::WaitPay, storage::TradeState::WaitUse)
+        .await
+        .unwrap();
+    payment
+}
+
+async fn refund_requests_queued(app: &crate::common::TestApp) -> i64 {
+    use diesel::QueryableByName;
+    use storage::RunQueryDsl as _;
+    #[derive(QueryableByName)]
+    struct N {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let mut c = app.conn().await;
+    diesel::sql_query("SELECT count(*) AS n FROM outbox WHERE subject = 'refund.requested'")
+        .get_result::<N>(&mut *c)
+        .await
+        .unwrap()
+        .n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refund_queues_one_request_for_a_paid_order_before_the_stay_and_only_for_its_owner() {
+    let app = spawn_app().await;
+    let alice = app.wx_login("alice").await;
+    let bob = app.wx_login("bob").await;
+    let h = app.homestay(true, 2, 10_000, 0).await;
+    let unpaid = app.order(&alice, h, 2, 1, false).await;
+    let paid = app.order(&alice, h, 2, 1, false).await;
+    let payment = pay_directly(&app, &alice, &paid).await;
+
+    // Bob cannot refund alice's order, nor learn that it exists.
+    let (status, for_bob) = app.post(REFUND, &json!({ "sn": paid }), Some(&bob)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{for_bob}");
+    let (_, unknown) = app.post(REFUND, &json!({ "sn": "HSO20260101000000012345678" }), Some(&bob)).await;
+    assert_eq!(for_bob, unknown);
+    // Bad input: a clear 4xx each, nothing queued.
+    let (status, b) = app.post(REFUND, &json!({ "sn": paid }), None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{b}");
+    for bad in [json!({}), json!({ "sn": 7 }), json!({ "sn": paid, "all": true })] {
+        let (status, b) = app.post(REFUND, &bad, Some(&alice)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad} -> {b}");
+    }
+    let (status, b) = app.post_raw(REFUND, b"{\"sn\":".to_vec(), Some(&alice)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{b}");
+    let (status, b) = app.post(REFUND, &json!({ "sn": "not-a-serial" }), Some(&alice)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{b}");
+    // An unpaid order has nothing to give back.
+    let (status, b) = app.post(REFUND, &json!({ "sn": unpaid }), Some(&alice)).await;
+    assert_eq!((status, b["code"].as_i64()), (StatusCode::CONFLICT, Some(40906)), "{b}");
+    assert_eq!(refund_requests_queued(&app).await, 0);
+
+    // The owner asks, twice (a double tap): one request queued, the same answer both times.
+    for _ in 0..2 {
+        let r = app.ok(REFUND, &json!({ "sn": paid }), Some(&alice)).await;
+        assert_eq!(r, json!({ "orderSn": paid, "refundState": "requested", "refundTotal": 20_000 }));
+    }
+    assert_eq!(refund_requests_queued(&app).await, 1);
+
+    // Once the refund exists, its state is what the user sees.
+    let mut c = app.conn().await;
+    let row = storage::payments::find_by_sn(&mut c, &payment).await.unwrap().unwrap();
+    let refund =
+        storage::refunds::insert_or_get(&mut c, &storage::refunds::NewRefund::full(&row, true)).await.unwrap().0;
+    let wechat = storage::refunds::WechatRefund { status: "PROCESSING".into(), ..Default::default() };
+    storage::refunds::settle(&mut c, &refund.sn(), storage::RefundStatus::Processing, &wechat).await.unwrap();
+    drop(c);
+    let r = app.ok(REFUND, &json!({ "sn": paid }), Some(&alice)).await;
+    assert_eq!(r["refundState"], "processing");
+    assert_eq!(refund_requests_queued(&app).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refund_is_refused_once_the_stay_has_started() {
+    use storage::RunQueryDsl as _;
+    let app = spawn_app().await;
+    let alice = app.wx_login("alice").await;
+    let h = app.homestay(true, 2, 10_000, 0).await;
+    let order = app.order(&alice, h, 1, 1, false).await;
+    pay_directly(&app, &alice, &order).await;
+    diesel::sql_query("UPDATE homestay_order SET live_start_date = now() - interval '1 hour' WHERE sn = $1")
+        .bind::<diesel::sql_types::Text, _>(&order)
+        .execute(&mut *app.conn().await)
+        .await
+        .unwrap();
+    let (status, b) = app.post(REFUND, &json!({ "sn": order }), Some(&alice)).await;
+    assert_eq!((status, b["code"].as_i64()), (StatusCode::CONFLICT, Some(40907)), "{b}");
+    assert!(b["msg"].as_str().is_some_and(|m| m.contains("stay has started")), "{b}");
+    assert_eq!(refund_requests_queued(&app).await, 0);
+}
