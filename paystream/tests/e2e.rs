@@ -135,3 +135,50 @@ async fn an_order_nobody_pays_is_closed_at_wechat_and_here_after_its_deadline() 
     assert!(!r.status().is_success(), "a closed transaction cannot be paid");
     assert_eq!(sys.order_status(&alice, &order).await, (json!(-1), json!(-1)));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_user_refund_goes_through_wechat_and_its_callback_and_the_user_is_told_once() {
+    let sys = System::start().await;
+    let alice = sys.login("alice").await;
+    let (order, payment) = sys.book_and_prepay(&alice).await;
+    sys.sandbox(&format!("/sandbox/v1/transactions/{payment}/pay"), json!({ "result": "SUCCESS" })).await;
+    sys.until_paid(&alice, &order).await;
+    let asked = sys.ok("/order/v1/homestayOrder/refundHomestayOrder", Some(&alice), json!({ "sn": order })).await;
+    assert_eq!(asked["refundState"], "requested", "{asked}");
+    // Refunded at WeChat, told by WeChat's REFUND.SUCCESS callback through the ingress.
+    testkit::eventually(Duration::from_secs(30), "payment and order refunded", || async {
+        (sys.order_status(&alice, &order).await == (json!(2), json!(3))).then_some(())
+    })
+    .await;
+    let callbacks: Value = sys
+        .http
+        .get(format!("{}/sandbox/v1/callbacks?out_trade_no={payment}", sys.sandbox))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(callbacks.to_string().contains("REFUND.SUCCESS"), "{callbacks}");
+    let refunds: Value = sys
+        .http
+        .get(format!("{}/sandbox/v1/refunds?out_trade_no={payment}", sys.sandbox))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(refunds["data"].as_array().map(Vec::len), Some(1), "{refunds}");
+    let told = testkit::eventually(Duration::from_secs(20), "refund message at WeChat", || async {
+        let m: Vec<Value> =
+            sys.subscribe_messages_for(&order).await.into_iter().filter(|m| m["template_id"] == "TPL_REFUND").collect();
+        (!m.is_empty()).then_some(m)
+    })
+    .await;
+    assert_eq!(told.len(), 1, "{told:?}");
+    // Asking again shows the refund, and refunds nothing more.
+    let again = sys.ok("/order/v1/homestayOrder/refundHomestayOrder", Some(&alice), json!({ "sn": order })).await;
+    assert_eq!(again["refundState"], "succeeded", "{again}");
+    assert_eq!(sys.count("REFUND", "refund.requested").await, 1);
+}

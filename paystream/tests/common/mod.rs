@@ -23,6 +23,11 @@ fields = { character_string6 = "order_sn", thing1 = "title", amount2 = "amount",
 template_id = "TPL_CHECKIN"
 page = "pages/order/detail?sn={order_sn}"
 fields = { thing1 = "title", date2 = "live_period", character_string3 = "trade_code", number4 = "live_people_num" }
+
+[notifier.templates.refund_success]
+template_id = "TPL_REFUND"
+page = "pages/order/detail?sn={order_sn}"
+fields = { character_string1 = "order_sn", thing2 = "title", amount3 = "amount" }
 "#;
 
 const JWT: &str = "system-test-secret-that-is-long-enough-0123456789";
