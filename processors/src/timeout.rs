@@ -193,8 +193,9 @@ impl TimeoutCloser {
                             "timeout pass"
                         );
                     }
-                    // Only hurry when the pass made progress: a batch of orders WeChat keeps refusing must not spin.
-                    r.due as i64 >= self.cfg.batch && r.closed + r.paid_meanwhile + r.already_settled > 0
+                    // Only hurry when the pass settled orders for good: a batch of orders WeChat keeps refusing, or
+                    // paid at WeChat and still on their way through the payment path, must not spin.
+                    r.due as i64 >= self.cfg.batch && r.closed + r.already_settled > 0
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "timeout pass failed; retrying after the interval");

@@ -521,22 +521,37 @@ async fn paying_while_the_closer_runs_ends_paid_or_closed_never_closed_with_mone
 
 /// Paid here (the callback was processed) while the order processor has not moved the order yet: not closed.
 #[tokio::test(flavor = "multi_thread")]
-async fn an_order_whose_payment_is_already_paid_here_is_not_closed() {
+async fn an_order_whose_payment_is_already_paid_here_is_not_closed_nor_hides_due_orders() {
     let env = Env::new().await;
-    let b = book(&env).await;
-    env.control.pay(b.payment.as_str(), "SUCCESS").await.unwrap();
-    let paid = storage::payments::PaidDetails {
-        transaction_id: "4200000000000000000000000001".into(),
-        trade_type: "JSAPI".into(),
-        trade_state: "SUCCESS".into(),
-        trade_state_desc: String::new(),
-        pay_time: Utc::now(),
-    };
-    storage::payments::mark_paid(&mut *env.conn().await, &b.payment, &paid).await.unwrap();
-    let report = env.closer().close_due(past(&b)).await.unwrap();
-    assert_eq!(report, CloseReport { due: 1, paid_meanwhile: 1, ..Default::default() });
-    assert_eq!(state(&env, &b).await, (PayStatus::Paid, TradeState::WaitPay));
-    assert_eq!(env.outbox_len().await, 0);
+    let mut paid_here = Vec::new();
+    for i in 0..3 {
+        let b = book(&env).await;
+        env.control.pay(b.payment.as_str(), "SUCCESS").await.unwrap();
+        let paid = storage::payments::PaidDetails {
+            transaction_id: format!("420000000000000000000000000{i}"),
+            trade_type: "JSAPI".into(),
+            trade_state: "SUCCESS".into(),
+            trade_state_desc: String::new(),
+            pay_time: Utc::now(),
+        };
+        storage::payments::mark_paid(&mut *env.conn().await, &b.payment, &paid).await.unwrap();
+        paid_here.push(b);
+    }
+    // Due last (latest deadline), behind three paid-here orders, with a batch of two.
+    let unpaid = book(&env).await;
+    let closer = TimeoutCloser::new(
+        env.pool.clone(),
+        env.publisher.clone(),
+        env.pay.clone(),
+        TimeoutConfig { batch: 2, ..Default::default() },
+    );
+    let report = closer.close_due(past(&unpaid)).await.unwrap();
+    assert_eq!(report, CloseReport { due: 1, closed: 1, ..Default::default() }, "the paid ones are not due");
+    assert_eq!(state(&env, &unpaid).await, (PayStatus::Closed, TradeState::Cancelled));
+    for b in &paid_here {
+        // The order processor (not running here) moves these to waitUse; the closer leaves them alone.
+        assert_eq!(state(&env, b).await, (PayStatus::Paid, TradeState::WaitPay));
+    }
 }
 
 /// `run` closes what is due on its own schedule (an order whose prepay never happened: nothing to close at WeChat)

@@ -138,11 +138,18 @@ pub async fn list_for_user(
     Ok(q.order(o::id.desc()).limit(limit).select(OrderRow::as_select()).load(conn).await?)
 }
 
-/// Unpaid orders whose deadline has passed, oldest deadline first (served by the partial deadline index).
+/// Unpaid orders whose deadline has passed, oldest deadline first (served by the partial deadline index). Orders
+/// with a payment already paid (or refunded) here are left out: the order processor owns those, and a batch of
+/// them must never hide the orders that really are due behind it.
 pub async fn unpaid_past_deadline(conn: &mut Conn, now: DateTime<Utc>, limit: i64) -> Result<Vec<OrderRow>> {
+    use crate::schema::third_payment as p;
+    let settled = p::table
+        .filter(p::order_sn.eq(o::sn))
+        .filter(p::pay_status.eq_any([crate::PayStatus::Paid.code(), crate::PayStatus::Refunded.code()]));
     Ok(o::table
         .filter(o::trade_state.eq(TradeState::WaitPay.code()))
         .filter(o::pay_deadline.le(now))
+        .filter(diesel::dsl::not(diesel::dsl::exists(settled)))
         .order(o::pay_deadline.asc())
         .limit(limit)
         .select(OrderRow::as_select())
