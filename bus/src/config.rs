@@ -19,7 +19,8 @@ pub struct NatsConfig {
     /// How long events are kept in their streams.
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
-    /// How long dead letters are kept.
+    /// How long dead letters are kept; 0 (the default) keeps them until they are redriven. A dead letter can
+    /// stand for money (a refund WeChat refused), so none expires unless an operator says so.
     #[serde(with = "humantime_serde")]
     pub dlq_max_age: Duration,
     /// Timeout of JetStream API calls and PubAcks.
@@ -35,7 +36,7 @@ impl Default for NatsConfig {
             stream_replicas: 1,
             duplicate_window: Duration::from_secs(120),
             max_age: Duration::from_secs(7 * 24 * 3600),
-            dlq_max_age: Duration::from_secs(30 * 24 * 3600),
+            dlq_max_age: Duration::ZERO,
             // Under the callback's 4 s budget: WeChat must get an answer within 5 s, and a FAIL lets it retry.
             request_timeout: Duration::from_secs(3),
         }

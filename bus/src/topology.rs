@@ -117,7 +117,7 @@ impl Topology {
             replicas: 1,
             duplicate_window: Duration::from_secs(120),
             max_age: Duration::from_secs(7 * 24 * 3600),
-            dlq_max_age: Duration::from_secs(30 * 24 * 3600),
+            dlq_max_age: Duration::ZERO,
         })
     }
 
