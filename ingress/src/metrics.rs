@@ -35,7 +35,7 @@ fn m() -> &'static Metrics {
             Opts::new(
                 "callbacks_total",
                 "WeChat Pay callbacks by outcome (published, bad_signature, stale, probe, undecryptable, malformed, \
-                 publish_failed, refund_deferred)",
+                 publish_failed)",
             ),
             &["outcome"],
         )

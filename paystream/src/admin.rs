@@ -44,8 +44,18 @@ pub fn router(ready: Readiness) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .with_state(ready)
-        .merge(observability::metrics_router())
+}
+
+/// `GET /metrics`: reads the DLQ depth per consumer first (one JetStream call per dead-letter subject, bounded to a
+/// second), so `paystream_dlq_depth` is as fresh as the scrape; a slow or absent NATS leaves the last value.
+async fn metrics(State(ready): State<Readiness>) -> impl IntoResponse {
+    let fresh = tokio::time::timeout(std::time::Duration::from_secs(1), bus::dlq::depth(&ready.js, &ready.topology));
+    if let Ok(Err(e)) = fresh.await {
+        tracing::debug!(error = %e, "DLQ depth not refreshed for this scrape");
+    }
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], observability::render_metrics())
 }
 
 async fn readyz(State(ready): State<Readiness>) -> impl IntoResponse {

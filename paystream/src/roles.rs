@@ -23,6 +23,7 @@ impl Infra {
         let topology = Arc::new(cfg.nats.topology());
         topology.ensure_streams(&js).await?;
         bus::metrics::register();
+        wechat::metrics::register();
         Ok(Infra { pool, client, publisher: bus::Publisher::new(js, topology) })
     }
 

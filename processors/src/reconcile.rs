@@ -287,19 +287,19 @@ fn m() -> &'static Metrics {
     M.get_or_init(|| {
         let queries = IntCounterVec::new(
             Opts::new(
-                "paystream_reconcile_queries_total",
+                "reconcile_queries_total",
                 "WeChat queries made by reconciliation, by outcome (notpay, success, closed, other, not_at_wechat, error)",
             ),
             &["outcome"],
         )
         .unwrap();
         let fixed = IntCounter::new(
-            "paystream_reconcile_fixed_total",
+            "reconcile_fixed_total",
             "Payments whose state other than NOTPAY was learned by reconciliation and published",
         )
         .unwrap();
         let waiting_past_threshold = IntGauge::new(
-            "paystream_payments_waiting_past_threshold",
+            "payments_waiting_past_threshold",
             "Waiting payments prepaid longer ago than the first reconciliation delay (set each pass)",
         )
         .unwrap();

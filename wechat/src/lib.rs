@@ -31,9 +31,12 @@
 //! # let _ = params; Ok(()) }
 //! ```
 //!
+//! Every call is metered in [`metrics`] (`paystream_wechat_api_calls_total{api,outcome}` and its duration).
+//!
 //! Everything cryptographic is aws-lc-rs (not the `rsa` crate: RUSTSEC-2023-0071 and speed).
 
 pub mod config;
+pub mod metrics;
 pub mod miniprogram;
 pub mod openid;
 pub mod pay;

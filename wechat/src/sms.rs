@@ -290,40 +290,55 @@ impl SmsClient {
             template_param_set: params,
         })
         .map_err(|e| SmsError::Decode(e.to_string()))?;
-        let timestamp = chrono::Utc::now().timestamp();
-        let authorization = tc3_authorization(
-            &self.secret_id,
-            self.secret_key.expose_secret(),
-            SMS_SERVICE,
-            &self.host,
-            CONTENT_TYPE_JSON,
-            timestamp,
-            &payload,
-        );
-        let resp = self
-            .http
-            .post(self.url.clone())
-            .header(http::header::AUTHORIZATION, authorization)
-            .header(http::header::CONTENT_TYPE, CONTENT_TYPE_JSON)
-            .header(http::header::HOST, &self.host)
-            .header("X-TC-Action", "SendSms")
-            .header("X-TC-Version", SMS_VERSION)
-            .header("X-TC-Timestamp", timestamp.to_string())
-            .header("X-TC-Region", &self.region)
-            .body(payload)
-            .send()
-            .await
-            .map_err(
-                |e| if e.is_timeout() { SmsError::Timeout } else { SmsError::Network(e.without_url().to_string()) },
-            )?;
-        let status = resp.status();
-        let body = resp.bytes().await.map_err(|e| SmsError::Network(e.without_url().to_string()))?;
-        let env: TcEnvelope =
-            serde_json::from_slice(&body).map_err(|e| SmsError::Decode(format!("HTTP {status}: {e}")))?;
-        if let Some(err) = env.response.error {
-            return Err(SmsError::Api { code: err.code, message: err.message, request_id: env.response.request_id });
+        let started = std::time::Instant::now();
+        let result = async {
+            let timestamp = chrono::Utc::now().timestamp();
+            let authorization = tc3_authorization(
+                &self.secret_id,
+                self.secret_key.expose_secret(),
+                SMS_SERVICE,
+                &self.host,
+                CONTENT_TYPE_JSON,
+                timestamp,
+                &payload,
+            );
+            let resp = self
+                .http
+                .post(self.url.clone())
+                .header(http::header::AUTHORIZATION, authorization)
+                .header(http::header::CONTENT_TYPE, CONTENT_TYPE_JSON)
+                .header(http::header::HOST, &self.host)
+                .header("X-TC-Action", "SendSms")
+                .header("X-TC-Version", SMS_VERSION)
+                .header("X-TC-Timestamp", timestamp.to_string())
+                .header("X-TC-Region", &self.region)
+                .body(payload)
+                .send()
+                .await
+                .map_err(|e| {
+                    if e.is_timeout() { SmsError::Timeout } else { SmsError::Network(e.without_url().to_string()) }
+                })?;
+            let status = resp.status();
+            let body = resp.bytes().await.map_err(|e| SmsError::Network(e.without_url().to_string()))?;
+            let env: TcEnvelope =
+                serde_json::from_slice(&body).map_err(|e| SmsError::Decode(format!("HTTP {status}: {e}")))?;
+            if let Some(err) = env.response.error {
+                return Err(SmsError::Api {
+                    code: err.code,
+                    message: err.message,
+                    request_id: env.response.request_id,
+                });
+            }
+            Ok(env.response.send_status_set)
         }
-        Ok(env.response.send_status_set)
+        .await;
+        let outcome = match &result {
+            Ok(_) => crate::metrics::Outcome::Ok,
+            Err(e) if e.is_retryable() => crate::metrics::Outcome::Retryable,
+            Err(_) => crate::metrics::Outcome::Error,
+        };
+        crate::metrics::observe("sms_send", started, outcome);
+        result
     }
 }
 

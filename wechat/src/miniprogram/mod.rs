@@ -302,30 +302,36 @@ impl MiniProgramClient {
             let key = "js_code".to_owned();
             return Err(DataRuleError { key, rule }.into());
         }
-        let s = &self.inner.settings;
-        let resp = self
-            .inner
-            .http
-            .get(self.url(
-                "/sns/jscode2session",
-                &[
-                    ("appid", s.appid.as_str()),
-                    ("secret", s.secret.expose_secret()),
-                    ("js_code", code),
-                    ("grant_type", "authorization_code"),
-                ],
-            )?)
-            .send()
-            .await
-            .map_err(map_reqwest)?;
-        let a: SessionAnswer = Self::read(resp).await?;
-        check_err(a.err)?;
-        let openid = a
-            .openid
-            .ok_or_else(|| MiniError::Decode("no openid".into()))
-            .and_then(|o| OpenId::new(o).map_err(|e| MiniError::Decode(e.to_string())))?;
-        let session_key = a.session_key.ok_or_else(|| MiniError::Decode("no session_key".into()))?;
-        Ok(Session { openid, session_key: SecretString::from(session_key), unionid: a.unionid })
+        let started = std::time::Instant::now();
+        let result = async {
+            let s = &self.inner.settings;
+            let resp = self
+                .inner
+                .http
+                .get(self.url(
+                    "/sns/jscode2session",
+                    &[
+                        ("appid", s.appid.as_str()),
+                        ("secret", s.secret.expose_secret()),
+                        ("js_code", code),
+                        ("grant_type", "authorization_code"),
+                    ],
+                )?)
+                .send()
+                .await
+                .map_err(map_reqwest)?;
+            let a: SessionAnswer = Self::read(resp).await?;
+            check_err(a.err)?;
+            let openid = a
+                .openid
+                .ok_or_else(|| MiniError::Decode("no openid".into()))
+                .and_then(|o| OpenId::new(o).map_err(|e| MiniError::Decode(e.to_string())))?;
+            let session_key = a.session_key.ok_or_else(|| MiniError::Decode("no session_key".into()))?;
+            Ok(Session { openid, session_key: SecretString::from(session_key), unionid: a.unionid })
+        }
+        .await;
+        crate::metrics::observe("jscode2session", started, outcome(&result));
+        result
     }
 
     /// The shared access token, from `POST /cgi-bin/stable_token`. Fetched at most once at a
@@ -338,25 +344,33 @@ impl MiniProgramClient {
             return Ok(t.token.clone());
         }
         let force = state.force_refresh;
-        let s = &self.inner.settings;
-        let resp = self
-            .inner
-            .http
-            .post(format!("{}/cgi-bin/stable_token", self.inner.base))
-            .json(&serde_json::json!({
-                "grant_type": "client_credential",
-                "appid": s.appid,
-                "secret": s.secret.expose_secret(),
-                "force_refresh": force,
-            }))
-            .send()
-            .await
-            .map_err(map_reqwest)?;
-        let a: TokenAnswer = Self::read(resp).await?;
-        check_err(a.err)?;
-        let token =
-            a.access_token.filter(|t| !t.is_empty()).ok_or_else(|| MiniError::Decode("no access_token".into()))?;
-        let lifetime = Duration::from_secs(a.expires_in.unwrap_or(7200));
+        let started = std::time::Instant::now();
+        let fetched = async {
+            let s = &self.inner.settings;
+            let resp = self
+                .inner
+                .http
+                .post(format!("{}/cgi-bin/stable_token", self.inner.base))
+                .json(&serde_json::json!({
+                    "grant_type": "client_credential",
+                    "appid": s.appid,
+                    "secret": s.secret.expose_secret(),
+                    "force_refresh": force,
+                }))
+                .send()
+                .await
+                .map_err(map_reqwest)?;
+            let a: TokenAnswer = Self::read(resp).await?;
+            check_err(a.err)?;
+            let token =
+                a.access_token.filter(|t| !t.is_empty()).ok_or_else(|| MiniError::Decode("no access_token".into()))?;
+            Ok((token, a.expires_in))
+        }
+        .await;
+        crate::metrics::observe("stable_token", started, outcome(&fetched));
+        let (token, expires_in) = fetched?;
+        crate::metrics::token_refreshed(force);
+        let lifetime = Duration::from_secs(expires_in.unwrap_or(7200));
         let usable = usable_lifetime(lifetime);
         let token = SecretString::from(token);
         state.current = Some(CachedToken { token: token.clone(), refresh_at: Instant::now() + usable });
@@ -389,17 +403,24 @@ impl MiniProgramClient {
         let mut retried = false;
         loop {
             let token = self.access_token().await?;
-            let resp = self
-                .inner
-                .http
-                .post(self.url("/cgi-bin/message/subscribe/send", &[("access_token", token.expose_secret())])?)
-                .json(msg)
-                .send()
-                .await
-                .map_err(map_reqwest)?;
-            let a: SendAnswer = Self::read(resp).await?;
-            match check_err(a.err) {
-                Ok(()) => return Ok(a.msgid),
+            let started = std::time::Instant::now();
+            let answer = async {
+                let resp = self
+                    .inner
+                    .http
+                    .post(self.url("/cgi-bin/message/subscribe/send", &[("access_token", token.expose_secret())])?)
+                    .json(msg)
+                    .send()
+                    .await
+                    .map_err(map_reqwest)?;
+                let a: SendAnswer = Self::read(resp).await?;
+                check_err(a.err)?;
+                Ok(a.msgid)
+            }
+            .await;
+            crate::metrics::observe("subscribe_send", started, outcome(&answer));
+            match answer {
+                Ok(msgid) => return Ok(msgid),
                 Err(e) if e.class() == ErrorClass::Token && !retried => {
                     self.invalidate_if(&token).await;
                     retried = true;
@@ -407,6 +428,15 @@ impl MiniProgramClient {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+fn outcome<T>(r: &Result<T, MiniError>) -> crate::metrics::Outcome {
+    match r {
+        Ok(_) => crate::metrics::Outcome::Ok,
+        // A token error is fixed by the refresh that follows it, as a retry would.
+        Err(e) if matches!(e.class(), ErrorClass::Retryable | ErrorClass::Token) => crate::metrics::Outcome::Retryable,
+        Err(_) => crate::metrics::Outcome::Error,
     }
 }
 

@@ -227,7 +227,7 @@ impl PayClient {
     /// `POST /v3/pay/transactions/jsapi`: creates (or re-enters) a JSAPI order.
     pub async fn prepay_jsapi(&self, req: &PrepayRequest) -> Result<PrepayResponse, PayError> {
         self.check_prepay(req)?;
-        self.call_json("POST", "/v3/pay/transactions/jsapi", Some(req)).await
+        self.call_json("jsapi_prepay", "POST", "/v3/pay/transactions/jsapi", Some(req)).await
     }
 
     /// The parameters the mini-program passes to `wx.requestPayment`, signed with the merchant key.
@@ -248,14 +248,14 @@ impl PayClient {
     pub async fn query_by_out_trade_no(&self, out_trade_no: &str) -> Result<Transaction, PayError> {
         rules::out_trade_no(out_trade_no)?;
         let path = format!("/v3/pay/transactions/out-trade-no/{out_trade_no}?mchid={}", self.inner.settings.mchid);
-        self.call_json::<(), _>("GET", &path, None).await
+        self.call_json::<(), _>("query_transaction", "GET", &path, None).await
     }
 
     /// `GET /v3/pay/transactions/id/{transaction_id}?mchid=`.
     pub async fn query_by_transaction_id(&self, transaction_id: &str) -> Result<Transaction, PayError> {
         rules::transaction_id(transaction_id)?;
         let path = format!("/v3/pay/transactions/id/{transaction_id}?mchid={}", self.inner.settings.mchid);
-        self.call_json::<(), _>("GET", &path, None).await
+        self.call_json::<(), _>("query_transaction", "GET", &path, None).await
     }
 
     /// `POST /v3/pay/transactions/out-trade-no/{no}/close` (204; idempotent on WeChat's side).
@@ -263,7 +263,7 @@ impl PayClient {
         rules::out_trade_no(out_trade_no)?;
         let path = format!("/v3/pay/transactions/out-trade-no/{out_trade_no}/close");
         let body = CloseRequest { mchid: self.inner.settings.mchid.clone() };
-        self.call("POST", &path, Some(&body)).await.map(|_| ())
+        self.call("close", "POST", &path, Some(&body)).await.map(|_| ())
     }
 
     /// Checks a refund request against WeChat's field rules without sending it.
@@ -297,14 +297,14 @@ impl PayClient {
     /// `POST /v3/refund/domestic/refunds`.
     pub async fn create_refund(&self, req: &RefundRequest) -> Result<Refund, PayError> {
         self.check_refund(req)?;
-        self.call_json("POST", "/v3/refund/domestic/refunds", Some(req)).await
+        self.call_json("create_refund", "POST", "/v3/refund/domestic/refunds", Some(req)).await
     }
 
     /// `GET /v3/refund/domestic/refunds/{out_refund_no}`.
     pub async fn query_refund(&self, out_refund_no: &str) -> Result<Refund, PayError> {
         rules::out_refund_no(out_refund_no)?;
         let path = format!("/v3/refund/domestic/refunds/{out_refund_no}");
-        self.call_json::<(), _>("GET", &path, None).await
+        self.call_json::<(), _>("query_refund", "GET", &path, None).await
     }
 
     /// `GET /v3/certificates`: decrypts the platform certificates (AAD `certificate`) and adds
@@ -314,6 +314,13 @@ impl PayClient {
     /// verified with the keys it carries (they are authenticated by the APIv3 key, which only
     /// WeChat and we hold) and only then are they added.
     pub async fn download_certificates(&self) -> Result<Vec<String>, PayError> {
+        let started = std::time::Instant::now();
+        let result = self.download_certificates_unmetered().await;
+        crate::metrics::observe("certificates", started, outcome(&result));
+        result
+    }
+
+    async fn download_certificates_unmetered(&self) -> Result<Vec<String>, PayError> {
         let raw = self.send("GET", "/v3/certificates", None).await?;
         if !(200..300).contains(&raw.status) {
             return Err(raw.into_api_error(&self.inner.verifier));
@@ -348,16 +355,30 @@ impl PayClient {
 
     async fn call_json<B: Serialize, T: DeserializeOwned>(
         &self,
+        api: &'static str,
         method: &str,
         path_and_query: &str,
         body: Option<&B>,
     ) -> Result<T, PayError> {
-        let raw = self.call(method, path_and_query, body).await?;
+        let raw = self.call(api, method, path_and_query, body).await?;
         serde_json::from_slice(&raw).map_err(|e| PayError::Decode(e.to_string()))
     }
 
-    /// Signs and sends, verifies the answer, maps errors; returns the verified 2xx body.
+    /// Signs and sends, verifies the answer, maps errors; returns the verified 2xx body. Metered as `api`.
     async fn call<B: Serialize>(
+        &self,
+        api: &'static str,
+        method: &str,
+        path_and_query: &str,
+        body: Option<&B>,
+    ) -> Result<Vec<u8>, PayError> {
+        let started = std::time::Instant::now();
+        let result = self.call_unmetered(method, path_and_query, body).await;
+        crate::metrics::observe(api, started, outcome(&result));
+        result
+    }
+
+    async fn call_unmetered<B: Serialize>(
         &self,
         method: &str,
         path_and_query: &str,
@@ -418,6 +439,14 @@ impl PayClient {
         let body = resp.bytes().await.map_err(map_reqwest)?.to_vec();
         tracing::debug!(method, path = %path_and_query.split('?').next().unwrap_or_default(), status, request_id = ?request_id, "wechat pay call");
         Ok(RawAnswer { status, signature, body })
+    }
+}
+
+fn outcome<T>(r: &Result<T, PayError>) -> crate::metrics::Outcome {
+    match r {
+        Ok(_) => crate::metrics::Outcome::Ok,
+        Err(e) if e.is_retryable() => crate::metrics::Outcome::Retryable,
+        Err(_) => crate::metrics::Outcome::Error,
     }
 }
 
