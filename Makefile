@@ -1,13 +1,14 @@
 # The two commands of the README:
 #   make demo   bring up NATS, PostgreSQL and the WeChat sandbox, start `paystream all`, and walk one payment
-#   make test   everything CI checks: formatting, clippy with warnings as errors, and every test
+#   make test   everything CI checks: formatting, clippy with warnings as errors, the alert rules (promtool), and
+#               every test
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 CARGO ?= cargo
 # Tests and tools read the infrastructure's addresses from here (written by scripts/infra.sh up).
 WITH_INFRA := set -a; source .run/infra.env; set +a;
 
-.PHONY: demo test lint infra infra-down bench bench-pipeline toolchain
+.PHONY: demo test lint rules infra infra-down bench bench-pipeline toolchain
 
 toolchain:
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs) and retry" >&2; exit 1; }
@@ -23,7 +24,11 @@ lint: toolchain
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-test: lint infra
+# Alert rules and dashboard: promtool check + unit tests, every metric name known (installs promtool if missing).
+rules:
+	@scripts/check-rules.sh
+
+test: lint rules infra
 	$(WITH_INFRA) $(CARGO) test --workspace --no-fail-fast
 
 bench: toolchain infra

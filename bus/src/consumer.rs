@@ -18,6 +18,7 @@ use chrono::Utc;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::{
     BusError, ConsumerConfig, Publisher,
@@ -259,6 +260,40 @@ impl<H: Handler> Ctx<H> {
             Ok(e) => e,
             Err(reason) => return self.dead_letter(&msg, &delivery, &stream, &format!("poison: {reason}")).await,
         };
+        // One span per delivery, continuing the producer's trace (the header, else the envelope's own copy).
+        let traceparent = delivery
+            .headers
+            .get(headers::TRACEPARENT)
+            .map(|v| v.as_str().to_owned())
+            .or_else(|| event.traceparent.clone());
+        let span = tracing::info_span!(
+            "consume",
+            otel.name = %format!("consume {name}"),
+            otel.kind = "consumer",
+            consumer = name,
+            subject = %delivery.subject,
+            event_id = %event.id,
+            aggregate = %event.payload.aggregate(),
+            delivered,
+            trace_id = tracing::field::Empty,
+        );
+        observability::trace::continue_trace(&span, traceparent.as_deref());
+        if let Some(id) = observability::trace::trace_id_of(&span) {
+            span.record("trace_id", id.as_str());
+        }
+        self.handle_traced(msg, delivery, stream, event).instrument(span).await;
+    }
+
+    async fn handle_traced(
+        &self,
+        msg: jetstream::Message,
+        delivery: Delivery,
+        stream: String,
+        event: Envelope<H::Event>,
+    ) {
+        let name = self.spec.name.as_str();
+        let cfg = &self.spec.config;
+        let delivered = delivery.delivered;
         let lag = (Utc::now() - event.occurred_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
         metrics::lag_seconds(name, lag);
 

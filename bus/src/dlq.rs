@@ -412,6 +412,18 @@ fn set_depth(letters: &[DeadLetter], consumer: Option<&str>) {
     record_depth(&counts, consumer.is_none());
 }
 
+/// Exports `paystream_dlq_depth{consumer}` for each of `consumers` from the start (at 0 until a read finds letters),
+/// so dashboards and alerts see a series for every consumer, not only for those that ever had a dead letter.
+pub fn track_depth_of(consumers: &[&str]) {
+    let d = depth_metric();
+    let mut seen = d.seen.lock().unwrap_or_else(|e| e.into_inner());
+    for c in consumers {
+        if seen.insert((*c).to_owned()) {
+            d.gauge.with_label_values(&[c]).set(0);
+        }
+    }
+}
+
 /// `complete`: `counts` covers every consumer, so consumers seen before and missing now are at zero.
 fn record_depth(counts: &BTreeMap<String, u64>, complete: bool) {
     let d = depth_metric();

@@ -61,14 +61,15 @@ impl<E: Event> Envelope<E> {
     }
 
     /// An event whose id is derived from what it describes (e.g. WeChat's notification id), so the same fact
-    /// reported twice is the same event.
+    /// reported twice is the same event. It carries the trace context of the span it is created in, so whoever
+    /// consumes it continues that trace.
     pub fn with_id(id: Uuid, payload: E) -> Self {
         Envelope {
             id,
             event_type: E::TYPE.to_owned(),
             version: E::VERSION,
             occurred_at: Utc::now(),
-            traceparent: None,
+            traceparent: observability::trace::current_traceparent(),
             payload,
         }
     }

@@ -17,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use bus::events::{ReportSource, WechatRefundReported};
 use bus::{Envelope, Event};
 use serde_json::json;
+use tracing::Instrument as _;
 use wechat::{NotifyError, NotifyPayload, VerifyError};
 
 use crate::AppState;
@@ -83,7 +84,10 @@ pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
         NotifyPayload::Transaction(t) => {
             let report = report(ReportSource::Callback, Some(notification_id.clone()), t);
             let out_trade_no = report.out_trade_no.clone();
-            publish(&state, report.envelope(), &notification_id, &out_trade_no).await
+            let span = tracing::info_span!("callback", kind = "transaction", payment_sn = %out_trade_no);
+            // Created in the span: the event carries its trace context to the processors.
+            let env = span.in_scope(|| report.envelope());
+            publish(&state, env, &notification_id, &out_trade_no).instrument(span).await
         }
         NotifyPayload::Refund(r) => {
             let report = WechatRefundReported {
@@ -103,7 +107,9 @@ pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
                 amount_total: r.amount.total,
             };
             let out_trade_no = report.out_trade_no.clone();
-            publish(&state, report.envelope(), &notification_id, &out_trade_no).await
+            let span = tracing::info_span!("callback", kind = "refund", payment_sn = %out_trade_no);
+            let env = span.in_scope(|| report.envelope());
+            publish(&state, env, &notification_id, &out_trade_no).instrument(span).await
         }
     }
 }

@@ -122,9 +122,26 @@ pub fn router(deps: Deps) -> Router {
         .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
             let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default();
-            // The path only: bodies and headers carry tokens, mobiles and openids, and are never logged.
-            tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id)
+            // The path only: bodies and headers carry tokens, mobiles and openids, and are never logged. Paths
+            // hold no identifiers (every argument is in the body), so the path is also a bounded span name.
+            let span = tracing::info_span!(
+                "http",
+                otel.name = %format!("{} {}", req.method(), req.uri().path()),
+                otel.kind = "server",
+                method = %req.method(),
+                path = %req.uri().path(),
+                request_id = %id,
+                trace_id = tracing::field::Empty,
+            );
+            // A caller that sends `traceparent` (a gateway, the mini-program's own tracing) gets its trace continued.
+            let parent = req.headers().get("traceparent").and_then(|v| v.to_str().ok());
+            observability::trace::continue_trace(&span, parent);
+            if let Some(t) = observability::trace::trace_id_of(&span) {
+                span.record("trace_id", t.as_str());
+            }
+            span
         }))
+        .layer(axum::middleware::from_fn(traceparent_header))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(axum::middleware::from_fn(metrics::track))
         .layer(axum::Extension(error::BodyLimit(cfg.body_limit_bytes)))
@@ -144,6 +161,17 @@ pub fn router(deps: Deps) -> Router {
         );
     }
     app
+}
+
+/// Answers carry the request span's `traceparent`, so a caller can find the trace of any request it made.
+async fn traceparent_header(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    let mut resp = next.run(req).await;
+    if let Some(tp) = observability::trace::current_traceparent()
+        && let Ok(v) = axum::http::HeaderValue::from_str(&tp)
+    {
+        resp.headers_mut().insert("traceparent", v);
+    }
+    resp
 }
 
 /// Serves [`router`] on `listener` until `shutdown` fires, then lets in-flight requests finish.

@@ -58,6 +58,14 @@ fn m() -> &'static Metrics {
         ] {
             r.register(c).expect("ingress metrics are registered once");
         }
+        // Exported at 0 from the start, so alerts and dashboards read a series before the first event.
+        for outcome in ["notpay", "published", "query_failed", "publish_failed"] {
+            status_queries.with_label_values(&[outcome]);
+        }
+        for outcome in ["published", "bad_signature", "stale", "probe", "undecryptable", "malformed", "publish_failed"]
+        {
+            callbacks.with_label_values(&[outcome]);
+        }
         Metrics { requests, duration, callbacks, status_queries }
     })
 }

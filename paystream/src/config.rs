@@ -112,6 +112,7 @@ impl Config {
             }
         };
         check(self.database.validate());
+        check(self.telemetry.validate());
         check(self.nats.validate());
         check(self.consumer.validate());
         check(self.outbox.validate());

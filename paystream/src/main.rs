@@ -68,7 +68,10 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let result = runtime.block_on(run(cli));
+    // Export the spans still buffered (outside the runtime: the exporter blocks).
+    observability::trace::shutdown();
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("paystream: {e:#}");
@@ -81,22 +84,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let shutdown = shutdown_on_signal();
     if let Command::Sandbox(args) = cli.command {
         // The sandbox is WeChat, not paystream: it needs none of paystream's configuration.
-        observability::init("sandbox", &Default::default());
+        observability::init("wechat-sandbox", &Default::default());
         return sandbox_cmd::run(args, shutdown).await;
     }
     let path = config::config_path(cli.config.as_deref());
     let cfg = Config::load(path.as_deref())?;
     let role = match &cli.command {
-        Command::All => "all",
-        Command::Ingress => "ingress",
-        Command::Notifier => "notifier",
-        Command::Relay => "relay",
-        Command::Processor { .. } => "processor",
-        Command::Migrate => "migrate",
-        Command::Config => "config",
-        Command::Demo(_) => "demo",
-        Command::Dlq(_) => "dlq",
-        Command::Bench { .. } => "bench",
+        Command::All => "paystream-all",
+        Command::Ingress => "paystream-ingress",
+        Command::Notifier => "paystream-notifier",
+        Command::Relay => "paystream-relay",
+        Command::Processor { .. } => "paystream-processor",
+        Command::Migrate => "paystream-migrate",
+        Command::Config => "paystream-config",
+        Command::Demo(_) => "paystream-demo",
+        Command::Dlq(_) => "paystream-dlq",
+        Command::Bench { .. } => "paystream-bench",
         Command::Sandbox(_) => unreachable!("handled above"),
     };
     observability::init(role, &cfg.telemetry);

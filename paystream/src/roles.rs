@@ -24,6 +24,14 @@ impl Infra {
         topology.ensure_streams(&js).await?;
         bus::metrics::register();
         wechat::metrics::register();
+        bus::dlq::track_depth_of(&[
+            processors::PAYMENT_CONSUMER,
+            processors::ORDER_CONSUMER,
+            processors::refund::REQUEST_CONSUMER,
+            processors::refund::STATUS_CONSUMER,
+            notifier::MINIPROGRAM_CONSUMER,
+            notifier::SMS_CONSUMER,
+        ]);
         Ok(Infra { pool, client, publisher: bus::Publisher::new(js, topology) })
     }
 

@@ -182,3 +182,204 @@ async fn a_user_refund_goes_through_wechat_and_its_callback_and_the_user_is_told
     assert_eq!(again["refundState"], "succeeded", "{again}");
     assert_eq!(sys.count("REFUND", "refund.requested").await, 1);
 }
+
+/// An OTLP/HTTP trace receiver: what a collector would get from `paystream all`.
+struct Collector {
+    url: String,
+    spans: std::sync::Arc<std::sync::Mutex<Vec<SpanRec>>>,
+}
+
+#[derive(Debug, Clone)]
+struct SpanRec {
+    trace_id: String,
+    span_id: String,
+    parent: String,
+    name: String,
+    attributes: Vec<(String, String)>,
+}
+
+impl Collector {
+    async fn start() -> Collector {
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+        use prost::Message as _;
+        let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let store = spans.clone();
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let store = store.clone();
+                async move {
+                    let req = ExportTraceServiceRequest::decode(body).expect("OTLP protobuf");
+                    let mut out = store.lock().unwrap();
+                    for rs in req.resource_spans {
+                        for ss in rs.scope_spans {
+                            for s in ss.spans {
+                                let attributes = s
+                                    .attributes
+                                    .iter()
+                                    .map(|kv| {
+                                        let v = kv.value.as_ref().and_then(|v| v.value.as_ref());
+                                        (kv.key.clone(), format!("{v:?}"))
+                                    })
+                                    .collect();
+                                out.push(SpanRec {
+                                    trace_id: hex(&s.trace_id),
+                                    span_id: hex(&s.span_id),
+                                    parent: hex(&s.parent_span_id),
+                                    name: s.name,
+                                    attributes,
+                                });
+                            }
+                        }
+                    }
+                    ([(axum::http::header::CONTENT_TYPE, "application/x-protobuf")], Vec::<u8>::new())
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Collector { url, spans }
+    }
+
+    fn spans(&self) -> Vec<SpanRec> {
+        self.spans.lock().unwrap().clone()
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The trace of one payment: the callback span that names it, and every span of its trace.
+fn trace_of(spans: &[SpanRec], payment: &str) -> Option<Vec<SpanRec>> {
+    let callback = spans
+        .iter()
+        .find(|s| s.name == "callback" && s.attributes.iter().any(|(k, v)| k == "payment_sn" && v.contains(payment)))?;
+    Some(spans.iter().filter(|s| s.trace_id == callback.trace_id).cloned().collect())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_payment_is_one_trace_from_callback_to_notification_and_logs_carry_no_secret() {
+    let collector = Collector::start().await;
+    let sys = System::start_with(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url.clone()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100".into()),
+        ("PAYSTREAM__TELEMETRY__LOG_FILTER", "debug".into()),
+    ])
+    .await;
+    let alice = sys.login("alice").await;
+    let mobile = "13812345678";
+    sys.ok("/usercenter/v1/user/register", None, json!({ "mobile": mobile, "password": "correct horse battery" }))
+        .await;
+    let mut payments = Vec::new();
+    for _ in 0..2 {
+        let (order, payment) = sys.book_and_prepay(&alice).await;
+        sys.sandbox(&format!("/sandbox/v1/transactions/{payment}/pay"), json!({ "result": "SUCCESS" })).await;
+        payments.push((order, payment));
+    }
+    for (order, _) in &payments {
+        sys.until_paid(&alice, order).await;
+    }
+    let expected = ["callback", "consume payment", "consume order", "consume notifier-miniprogram"];
+    let traces = testkit::eventually(Duration::from_secs(30), "both payments traced to the notifier", || async {
+        let spans = collector.spans();
+        payments
+            .iter()
+            .map(|(_, p)| {
+                let t = trace_of(&spans, p)?;
+                // Two notifier spans per payment (pay-success and check-in).
+                let complete = expected.iter().all(|n| t.iter().any(|s| &s.name == n))
+                    && t.iter().filter(|s| s.name == "consume notifier-miniprogram").count() >= 2;
+                complete.then_some(t)
+            })
+            .collect::<Option<Vec<_>>>()
+    })
+    .await;
+    assert_ne!(traces[0][0].trace_id, traces[1][0].trace_id, "two payments, two traces");
+    for trace in &traces {
+        // Parented across NATS: every consumer span's parent is a span of the same trace.
+        for s in trace.iter().filter(|s| s.name.starts_with("consume ")) {
+            assert!(trace.iter().any(|p| p.span_id == s.parent), "{} has its parent in the trace: {trace:#?}", s.name);
+        }
+        let order = trace.iter().find(|s| s.name == "consume order").unwrap();
+        let payment = trace.iter().find(|s| s.name == "consume payment").unwrap();
+        assert_eq!(order.parent, payment.span_id, "the order processor continues the payment processor's span");
+    }
+
+    // Log lines of handled events carry the trace id; nothing secret or personal is in any line.
+    let log = sys.log();
+    let trace_id = &traces[0][0].trace_id;
+    assert!(log.lines().any(|l| l.contains(trace_id.as_str()) && l.contains("consume")), "trace id in the log");
+    let mut conn = storage::connect(&sys.db.url).await.unwrap();
+    #[derive(diesel::QueryableByName)]
+    struct Key {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        auth_key: String,
+    }
+    let openids: Vec<Key> = storage::RunQueryDsl::load(
+        diesel::sql_query("SELECT auth_key FROM user_auth WHERE auth_type = 'wxMini'"),
+        &mut conn,
+    )
+    .await
+    .unwrap();
+    assert!(!openids.is_empty());
+    let toml = std::fs::read_to_string(sys.dir.join("all.toml")).unwrap();
+    let secret = |key: &str| {
+        toml.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split('"').nth(1))
+            .unwrap_or_else(|| panic!("{key} in the sandbox's config"))
+            .to_owned()
+    };
+    let mut forbidden = vec![
+        ("mobile", mobile.to_owned()),
+        ("access token", alice.clone()),
+        ("apiv3 key", secret("apiv3_key")),
+        ("mini-program secret", secret("miniprogram_secret")),
+    ];
+    forbidden.extend(openids.into_iter().map(|k| ("openid", k.auth_key)));
+    for (what, value) in &forbidden {
+        assert!(!log.contains(value.as_str()), "the log contains a {what}");
+    }
+    assert!(log.lines().count() > 20, "the run was logged at debug: {} lines", log.lines().count());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_dashboard_metric_is_exported_and_one_payment_moves_the_counters_by_one() {
+    let sys = System::start().await;
+    let alice = sys.login("alice").await;
+    let (order, payment) = sys.book_and_prepay(&alice).await;
+    sys.sandbox(&format!("/sandbox/v1/transactions/{payment}/pay"), json!({ "result": "SUCCESS" })).await;
+    sys.until_paid(&alice, &order).await;
+    testkit::eventually(Duration::from_secs(20), "two messages sent", || async {
+        (sys.metrics().await.contains("paystream_notifications_total{channel=\"miniprogram\",outcome=\"sent\"} 2"))
+            .then_some(())
+    })
+    .await;
+    let text = sys.metrics().await;
+    let families =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../k8s/observability/metrics.txt")).unwrap();
+    let missing: Vec<&str> = families
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter(|name| !text.contains(&format!("# TYPE {name} ")))
+        .collect();
+    assert!(missing.is_empty(), "families the dashboards and alerts use but paystream does not export: {missing:?}");
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("{series} not exported:\n{text}"))
+    };
+    assert_eq!(value("paystream_payment_transitions_total{from=\"Waiting\",to=\"Paid\"}"), 1.0);
+    assert_eq!(value("paystream_order_transitions_total{from=\"WaitPay\",to=\"WaitUse\"}"), 1.0);
+    assert_eq!(value("paystream_callbacks_total{outcome=\"published\"}"), 1.0);
+    assert_eq!(value("paystream_events_consumed_total{consumer=\"payment\",outcome=\"ack\"}"), 1.0);
+    assert_eq!(value("paystream_events_consumed_total{consumer=\"order\",outcome=\"ack\"}"), 1.0);
+    assert_eq!(value("paystream_wechat_api_calls_total{api=\"jsapi_prepay\",outcome=\"ok\"}"), 1.0);
+    assert_eq!(value("paystream_wechat_api_calls_total{api=\"subscribe_send\",outcome=\"ok\"}"), 2.0);
+    assert_eq!(value("paystream_wechat_access_token_refreshes_total{reason=\"expiry\"}"), 1.0);
+    assert_eq!(value("paystream_dlq_depth{consumer=\"payment\"}"), 0.0);
+    assert!(value("paystream_build_info{version=\"0.1.0\"}") == 1.0);
+}

@@ -61,8 +61,28 @@ fn m() -> &'static Metrics {
             r.register(Box::new(c.clone())).expect("processor metrics are registered once");
         }
         r.register(Box::new(refunds_unsettled.clone())).expect("processor metrics are registered once");
+        // Every label value known in advance is exported at 0 from the start: a counter that has never moved is
+        // still a series that dashboards and alerts can read.
         for outcome in ["requested_at_wechat", "succeeded", "failed"] {
             refunds.with_label_values(&[outcome]);
+        }
+        for reason in ["order_closed", "paid_after_close"] {
+            refunds_requested.with_label_values(&[reason]);
+        }
+        for reason in [
+            "unknown_payment",
+            "amount_mismatch",
+            "foreign_merchant",
+            "currency_mismatch",
+            "unknown_state",
+            "unknown_refund",
+            "refund_mismatch",
+            "refund_unpaid",
+        ] {
+            rejected.with_label_values(&[reason]);
+        }
+        for outcome in ["SUCCESS", "PROCESSING", "CLOSED", "ABNORMAL", "not_at_wechat", "error"] {
+            refund_queries.with_label_values(&[outcome]);
         }
         Metrics {
             payment_transitions,

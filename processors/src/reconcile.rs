@@ -307,6 +307,9 @@ fn m() -> &'static Metrics {
         r.register(Box::new(queries.clone())).expect("reconcile metrics are registered once");
         r.register(Box::new(fixed.clone())).expect("reconcile metrics are registered once");
         r.register(Box::new(waiting_past_threshold.clone())).expect("reconcile metrics are registered once");
+        for outcome in ["notpay", "success", "closed", "other", "not_at_wechat", "error"] {
+            queries.with_label_values(&[outcome]);
+        }
         Metrics { queries, fixed, waiting_past_threshold }
     })
 }

@@ -434,6 +434,9 @@ fn m() -> &'static Metrics {
         let r = observability::registry();
         r.register(Box::new(closed.clone())).expect("timeout metrics are registered once");
         r.register(Box::new(skipped.clone())).expect("timeout metrics are registered once");
+        for reason in ["paid_meanwhile", "wechat_unavailable", "wechat_error", "publish_failed", "payment_changed"] {
+            skipped.with_label_values(&[reason]);
+        }
         Metrics { closed, skipped }
     })
 }

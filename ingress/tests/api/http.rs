@@ -75,8 +75,18 @@ async fn request_ids_health_metrics_openapi_and_graceful_shutdown() {
     let resp = app.http.get(url("/readyz")).header("x-request-id", "req-123").send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()["x-request-id"], "req-123", "echoed");
+    let own = resp.headers().get("traceparent").expect("every answer names its trace").to_str().unwrap().to_owned();
+    assert!(own.starts_with("00-") && own.len() == 55, "{own}");
     let ready: Value = resp.json().await.unwrap();
     assert_eq!(ready, json!({ "postgres": "ok", "nats": "ok" }));
+    // A caller's trace is continued: same trace id, a new span of ours.
+    let caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let resp = app.http.get(url("/healthz")).header("traceparent", caller).send().await.unwrap();
+    let answered = resp.headers()["traceparent"].to_str().unwrap().to_owned();
+    assert!(answered.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "{answered}");
+    assert_ne!(answered, caller);
+    let resp = app.http.get(url("/healthz")).header("traceparent", "garbage").send().await.unwrap();
+    assert!(resp.headers().contains_key("traceparent"), "a malformed traceparent starts a new trace");
 
     app.post("/no/such/path/HSO123", &json!({}), None).await;
     app.post("/usercenter/v1/user/detail", &json!({}), None).await;

@@ -38,6 +38,8 @@ pub struct System {
     pub prefix: String,
     pub api: String,
     pub sandbox: String,
+    /// `/healthz`, `/readyz` and `/metrics` of `paystream all`.
+    pub admin: String,
     pub children: Vec<Child>,
     pub http: reqwest::Client,
 }
@@ -59,6 +61,11 @@ fn free_port() -> u16 {
 
 impl System {
     pub async fn start() -> System {
+        Self::start_with(&[]).await
+    }
+
+    /// As [`System::start`], with extra environment for `paystream all` (whose JSON log goes to [`System::log`]).
+    pub async fn start_with(env: &[(&str, String)]) -> System {
         let db = testkit::TestDb::create().await;
         let dir = std::env::temp_dir().join(testkit::unique("paystream-sys-"));
         let (http_port, admin_port) = (free_port(), free_port());
@@ -88,17 +95,21 @@ impl System {
             prefix: testkit::unique("sys"),
             api,
             sandbox: sandbox_url,
+            admin: format!("http://127.0.0.1:{admin_port}"),
             children: vec![sandbox],
             http: reqwest::Client::new(),
         };
-        let all = sys
-            .paystream()
-            .arg("all")
+        let mut all = sys.paystream();
+        all.arg("all")
             .env("PAYSTREAM__HTTP__LISTEN", format!("127.0.0.1:{http_port}"))
             .env("PAYSTREAM__ADMIN__LISTEN", format!("127.0.0.1:{admin_port}"))
+            .env("PAYSTREAM__TELEMETRY__LOG_FORMAT", "json")
             .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
+            .stderr(std::fs::File::create(sys.dir.join("all.log")).unwrap());
+        for (k, v) in env {
+            all.env(k, v);
+        }
+        let all = all.spawn().unwrap();
         sys.children.push(all);
         let ready = format!("http://127.0.0.1:{admin_port}/readyz");
         testkit::eventually(Duration::from_secs(30), "paystream all ready", || {
@@ -186,6 +197,16 @@ impl System {
             .as_array()
             .map(|a| a.iter().filter(|m| m.to_string().contains(order)).cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// What `paystream all` logged so far (JSON lines).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("all.log")).unwrap_or_default()
+    }
+
+    /// The text of `paystream all`'s `/metrics`.
+    pub async fn metrics(&self) -> String {
+        self.http.get(format!("{}/metrics", self.admin)).send().await.unwrap().text().await.unwrap()
     }
 
     pub async fn sql(&self, statement: String) {
