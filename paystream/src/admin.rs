@@ -1,5 +1,5 @@
-//! Every role's admin endpoints: `/healthz` (alive), `/readyz` (Postgres and NATS reachable, streams present)
-//! and `/metrics`.
+//! Every role's admin endpoints: `/healthz` (alive), `/readyz` (Postgres and NATS reachable, streams present, and
+//! the durable consumers the role runs provisioned) and `/metrics`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,6 +15,8 @@ pub struct Readiness {
     pub client: async_nats::Client,
     pub js: async_nats::jetstream::Context,
     pub topology: Arc<bus::Topology>,
+    /// Durable consumers this role runs; ready once each exists (the role provisions them as it starts).
+    pub consumers: Vec<String>,
 }
 
 impl Readiness {
@@ -36,7 +38,19 @@ impl Readiness {
                 break;
             }
         }
-        vec![("postgres", db), ("nats", nats), ("streams", streams)]
+        let mut consumers = Ok(());
+        'each: for name in &self.consumers {
+            for stream in self.topology.streams() {
+                if let Ok(s) = self.js.get_stream(&stream).await
+                    && s.consumer_info(name).await.is_ok()
+                {
+                    continue 'each;
+                }
+            }
+            consumers = Err(format!("consumer {name} not provisioned yet"));
+            break;
+        }
+        vec![("postgres", db), ("nats", nats), ("streams", streams), ("consumers", consumers)]
     }
 }
 

@@ -35,12 +35,14 @@ impl Infra {
         Ok(Infra { pool, client, publisher: bus::Publisher::new(js, topology) })
     }
 
-    pub fn readiness(&self) -> admin::Readiness {
+    /// Readiness of a role that runs `consumers`.
+    pub fn readiness(&self, consumers: &[&str]) -> admin::Readiness {
         admin::Readiness {
             pool: self.pool.clone(),
             client: self.client.clone(),
             js: self.publisher.jetstream().clone(),
             topology: Arc::new(self.publisher.topology().clone()),
+            consumers: consumers.iter().map(|c| (*c).to_owned()).collect(),
         }
     }
 
@@ -84,7 +86,7 @@ pub async fn ingress(cfg: &Config, shutdown: CancellationToken) -> anyhow::Resul
     let infra = Infra::connect(cfg).await?;
     ingress::seed(&mut *infra.pool.get().await?).await?;
     let listener = bind_http(cfg).await?;
-    let (addr, admin) = admin::serve(cfg.admin.listen, infra.readiness(), shutdown.clone()).await?;
+    let (addr, admin) = admin::serve(cfg.admin.listen, infra.readiness(&[]), shutdown.clone()).await?;
     tracing::info!(api = %listener.local_addr()?, admin = %addr, "ingress started");
     let result = spawn_ingress(cfg, &infra, listener, shutdown.clone())?.await?;
     shutdown.cancel();
@@ -116,7 +118,8 @@ fn spawn_notifier(
 pub async fn notifier(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let infra = Infra::connect(cfg).await?;
     let task = spawn_notifier(cfg, &infra, shutdown.clone())?;
-    let (addr, admin) = admin::serve(cfg.admin.listen, infra.readiness(), shutdown.clone()).await?;
+    let (addr, admin) =
+        admin::serve(cfg.admin.listen, infra.readiness(&[notifier::MINIPROGRAM_CONSUMER]), shutdown.clone()).await?;
     tracing::info!(admin = %addr, "notifier started");
     let result = task.await?;
     shutdown.cancel();
@@ -135,7 +138,7 @@ pub async fn migrate(cfg: &Config) -> anyhow::Result<()> {
 /// `paystream relay`: the outbox relay alone (run several for availability; they share the work).
 pub async fn relay(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let infra = Infra::connect(cfg).await?;
-    let (addr, admin) = admin::serve(cfg.admin.listen, infra.readiness(), shutdown.clone()).await?;
+    let (addr, admin) = admin::serve(cfg.admin.listen, infra.readiness(&[]), shutdown.clone()).await?;
     tracing::info!(%addr, "relay started; admin endpoints up");
     infra.relay(cfg).run(shutdown).await;
     let _ = admin.await;
@@ -153,6 +156,30 @@ pub enum Processor {
     /// refunds: `refund.requested` → WeChat's refund API, `wechat.refund` → refund, payment and order state, and
     /// queries about refunds WeChat has not settled.
     Lifecycle,
+}
+
+impl Processor {
+    /// The durable consumers this processor runs.
+    fn consumers(self) -> &'static [&'static str] {
+        match self {
+            Processor::Payment => &[processors::PAYMENT_CONSUMER],
+            Processor::Order => &[processors::ORDER_CONSUMER],
+            Processor::Lifecycle => &[processors::refund::REQUEST_CONSUMER, processors::refund::STATUS_CONSUMER],
+        }
+    }
+}
+
+/// The durable consumers `paystream all` runs with this configuration.
+fn all_consumers(cfg: &Config) -> Vec<&'static str> {
+    let mut c: Vec<&'static str> = [Processor::Payment, Processor::Order, Processor::Lifecycle]
+        .iter()
+        .flat_map(|p| p.consumers())
+        .copied()
+        .collect();
+    if cfg.notifier.is_some() {
+        c.push(notifier::MINIPROGRAM_CONSUMER);
+    }
+    c
 }
 
 fn spawn_processor(
@@ -219,7 +246,7 @@ fn spawn_processor(
 /// even when no other role runs; relays share the work, so running one per processor is safe).
 pub async fn processor(which: Processor, cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let infra = Infra::connect(cfg).await?;
-    let (addr, admin) = admin::serve(cfg.admin.listen, infra.readiness(), shutdown.clone()).await?;
+    let (addr, admin) = admin::serve(cfg.admin.listen, infra.readiness(which.consumers()), shutdown.clone()).await?;
     tracing::info!(%addr, processor = ?which, "processor started");
     let relay = tokio::spawn(infra.relay(cfg).run(shutdown.clone()));
     let task = spawn_processor(which, cfg, &infra, shutdown.clone())?;
@@ -245,7 +272,7 @@ pub async fn all(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<()
         }
         None => None,
     };
-    let (addr, admin) = admin::serve(cfg.admin.listen, infra.readiness(), shutdown.clone()).await?;
+    let (addr, admin) = admin::serve(cfg.admin.listen, infra.readiness(&all_consumers(cfg)), shutdown.clone()).await?;
     let mut tasks = vec![tokio::spawn({
         let relay = infra.relay(cfg);
         let s = shutdown.clone();

@@ -72,9 +72,15 @@ async fn all_comes_up_ready_and_stops_on_sigterm() {
 
     let client = reqwest_free_get;
     assert_eq!(client(&format!("{base}/healthz")).await.0, 200);
-    let (status, body) = client(&format!("{base}/readyz")).await;
-    assert_eq!(status, 200, "{body}");
-    assert!(body.contains("\"postgres\":\"ok\"") && body.contains("\"streams\":\"ok\""), "{body}");
+    // Ready once every consumer of `all` is provisioned (the roles do it as they start).
+    let body = testkit::eventually(Duration::from_secs(30), "paystream all ready", || async {
+        let (status, body) = client(&format!("{base}/readyz")).await;
+        (status == 200).then_some(body)
+    })
+    .await;
+    for check in ["postgres", "nats", "streams", "consumers"] {
+        assert!(body.contains(&format!("\"{check}\":\"ok\"")), "{check}: {body}");
+    }
     let (_, metrics) = client(&format!("{base}/metrics")).await;
     for family in [
         "paystream_events_published_total",
