@@ -44,10 +44,20 @@ impl Default for NatsConfig {
 }
 
 impl NatsConfig {
+    /// The seed servers of `url` (comma-separated); the client fails over between them and learns the rest of the
+    /// cluster from the servers themselves.
+    pub fn servers(&self) -> Vec<String> {
+        self.url.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         crate::Topology::new(&self.prefix).map_err(|e| e.to_string())?;
-        if !(self.url.starts_with("nats://") || self.url.starts_with("tls://")) {
-            return Err(format!("nats.url must start with nats:// or tls://, got {:?}", self.url));
+        let servers = self.servers();
+        if servers.is_empty() || servers.iter().any(|u| !(u.starts_with("nats://") || u.starts_with("tls://"))) {
+            return Err(format!(
+                "nats.url must be nats:// or tls:// URLs, comma-separated for several seeds, got {:?}",
+                self.url
+            ));
         }
         if !matches!(self.stream_replicas, 1 | 3 | 5) {
             return Err(format!("nats.stream_replicas must be 1, 3 or 5, got {}", self.stream_replicas));

@@ -54,7 +54,7 @@ pub async fn connect(cfg: &NatsConfig) -> Result<(async_nats::Client, async_nats
         .connection_timeout(Duration::from_secs(5))
         // Keep reconnecting forever: a worker outliving a NATS restart is the point.
         .retry_on_initial_connect()
-        .connect(&cfg.url)
+        .connect(cfg.servers())
         .await
         .map_err(|e| BusError::Unavailable(format!("cannot connect to {}: {e}", cfg.url)))?;
     let mut js = async_nats::jetstream::new(client.clone());

@@ -162,3 +162,90 @@ impl Drop for NatsServer {
         let _ = std::fs::remove_dir_all(&self.store);
     }
 }
+
+/// A JetStream cluster of nats-servers on loopback (a test's own), for tests of replicated streams and node loss.
+/// Killed on drop.
+pub struct NatsCluster {
+    nodes: Vec<ClusterNode>,
+    dir: PathBuf,
+}
+
+struct ClusterNode {
+    port: u16,
+    config: PathBuf,
+    child: Option<Child>,
+}
+
+impl NatsCluster {
+    /// Starts `n` nodes routed to each other and waits until JetStream has a meta leader (streams can be created).
+    pub async fn start(n: usize) -> NatsCluster {
+        let dir = std::env::temp_dir().join(unique("paystream-cluster-"));
+        std::fs::create_dir_all(&dir).expect("cluster dir");
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let routes: Vec<String> = ports.iter().map(|(_, c)| format!("\"nats-route://127.0.0.1:{c}\"")).collect();
+        let mut nodes = Vec::new();
+        for (i, (port, cport)) in ports.iter().enumerate() {
+            let store = dir.join(format!("n{i}"));
+            let config = dir.join(format!("n{i}.conf"));
+            let text = format!(
+                "server_name: n{i}\nlisten: \"127.0.0.1:{port}\"\njetstream {{ store_dir: \"{}\" }}\n\
+                 cluster {{ name: paystream-test\n listen: \"127.0.0.1:{cport}\"\n routes: [{}] }}\n",
+                store.display(),
+                routes.join(", ")
+            );
+            std::fs::write(&config, text).expect("node config");
+            nodes.push(ClusterNode { port: *port, config, child: None });
+        }
+        let mut cluster = NatsCluster { nodes, dir };
+        for i in 0..n {
+            cluster.start_node(i);
+        }
+        let url = cluster.url();
+        eventually(Duration::from_secs(30), "the JetStream cluster to elect a meta leader", || {
+            let url = url.clone();
+            async move {
+                let servers: Vec<&str> = url.split(',').collect();
+                let client = async_nats::connect(servers).await.ok()?;
+                let js = async_nats::jetstream::new(client);
+                js.query_account().await.ok().map(|_| ())
+            }
+        })
+        .await;
+        cluster
+    }
+
+    fn start_node(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        assert!(node.child.is_none(), "node {i} already running");
+        let child = Command::new(setting("NATS_SERVER_BIN"))
+            .arg("-c")
+            .arg(&node.config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn NATS_SERVER_BIN");
+        node.child = Some(child);
+    }
+
+    /// Every node's URL, comma-separated (what a client is given to fail over between them).
+    pub fn url(&self) -> String {
+        self.nodes.iter().map(|n| format!("nats://127.0.0.1:{}", n.port)).collect::<Vec<_>>().join(",")
+    }
+
+    /// Kills node `i` with SIGKILL (a crash: no lame-duck mode).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
