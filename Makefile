@@ -1,14 +1,14 @@
 # The two commands of the README:
 #   make demo   bring up NATS, PostgreSQL and the WeChat sandbox, start `paystream all`, and walk one payment
-#   make test   everything CI checks: formatting, clippy with warnings as errors, the alert rules (promtool), and
-#               every test
+#   make test   everything CI checks: formatting, clippy with warnings as errors, the alert rules (promtool),
+#               every test, and the Kubernetes manifests
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 CARGO ?= cargo
 # Tests and tools read the infrastructure's addresses from here (written by scripts/infra.sh up).
 WITH_INFRA := set -a; source .run/infra.env; set +a;
 
-.PHONY: demo test lint rules infra infra-down bench bench-pipeline toolchain
+.PHONY: demo test lint rules k8s infra infra-down bench bench-pipeline toolchain
 
 toolchain:
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs) and retry" >&2; exit 1; }
@@ -28,8 +28,14 @@ lint: toolchain
 rules:
 	@scripts/check-rules.sh
 
+# Kubernetes manifests: both overlays render, validate against the Kubernetes schemas, and keep their promises.
+k8s:
+	@scripts/check-k8s.sh
+
+# k8s runs after the tests: it loads each overlay's configuration with the binary they built.
 test: lint rules infra
 	$(WITH_INFRA) $(CARGO) test --workspace --no-fail-fast
+	@$(MAKE) --no-print-directory k8s
 
 bench: toolchain infra
 	$(CARGO) build -q --release -p paystream
