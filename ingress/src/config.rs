@@ -15,6 +15,10 @@ pub struct IngressConfig {
     pub listen: SocketAddr,
     /// HS256 key of access tokens: at least 32 bytes (a shorter key can be brute-forced from one token).
     pub jwt_secret: SecretString,
+    /// Keys of a rotation: tokens they signed are still accepted (new ones are signed with `jwt_secret`). Put the
+    /// old secret here when setting a new `jwt_secret`; remove it once `jwt_ttl` has passed.
+    #[serde(default)]
+    pub jwt_previous_secrets: Vec<SecretString>,
     /// Lifetime of an access token.
     #[serde(default = "default_jwt_ttl", with = "humantime_serde")]
     pub jwt_ttl: Duration,
@@ -67,6 +71,7 @@ impl IngressConfig {
         IngressConfig {
             listen: default_listen(),
             jwt_secret: SecretString::from(jwt_secret.into()),
+            jwt_previous_secrets: Vec::new(),
             jwt_ttl: default_jwt_ttl(),
             body_limit_bytes: default_body_limit(),
             request_timeout: default_request_timeout(),
@@ -81,6 +86,9 @@ impl IngressConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.jwt_secret.expose_secret().len() < 32 {
             return Err("http.jwt_secret must be at least 32 bytes".into());
+        }
+        if self.jwt_previous_secrets.iter().any(|s| s.expose_secret().len() < 32) {
+            return Err("http.jwt_previous_secrets must each be at least 32 bytes".into());
         }
         if self.jwt_ttl < Duration::from_secs(60) || self.jwt_ttl > Duration::from_secs(30 * 24 * 3600) {
             return Err("http.jwt_ttl must be between 1 minute and 30 days".into());

@@ -90,7 +90,7 @@ impl Inner {
 pub fn router(deps: Deps) -> Router {
     let cfg = deps.config.clone();
     let state = AppState(Arc::new(Inner {
-        tokens: auth::Tokens::new(&cfg.jwt_secret, cfg.jwt_ttl),
+        tokens: auth::Tokens::new(&cfg.jwt_secret, &cfg.jwt_previous_secrets, cfg.jwt_ttl),
         reader: deps.pay.notification_reader(),
         status_limiter: routes::payment::QueryLimiter::new(cfg.status_query_interval),
         login_throttle: routes::user::LoginThrottle::new(),

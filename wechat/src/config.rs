@@ -41,6 +41,14 @@ fn default_region() -> String {
     "ap-guangzhou".to_owned()
 }
 
+/// One WeChat Pay public key: its `PUB_KEY_ID_…` and the PEM file holding it.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PlatformPublicKey {
+    pub id: String,
+    pub path: PathBuf,
+}
+
 /// `[wechat]`: merchant identity, keys and endpoints for Pay v3 and the mini-program API.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -61,6 +69,11 @@ pub struct WechatConfig {
     /// PEM of WeChat Pay's public key (public-key mode).
     #[serde(default)]
     pub platform_public_key_path: Option<PathBuf>,
+    /// More WeChat Pay public keys accepted when verifying (public-key mode): during a key rotation, the key WeChat
+    /// is moving to or from, so callbacks and answers signed with either verify. `platform_public_key_id` stays the
+    /// one sent as `Wechatpay-Serial`.
+    #[serde(default)]
+    pub additional_platform_public_keys: Vec<PlatformPublicKey>,
     /// Download platform certificates from `/v3/certificates` (certificate mode); may be on
     /// together with public-key mode during a migration.
     #[serde(default)]
@@ -116,6 +129,9 @@ impl WechatConfig {
                 );
             }
             _ => {}
+        }
+        if self.additional_platform_public_keys.iter().any(|k| !k.id.starts_with("PUB_KEY_ID_")) {
+            return err("additional_platform_public_keys", "every id must start with PUB_KEY_ID_");
         }
         if let Err(rule) = rules::notify_url(&self.notify_url, self.allow_insecure_loopback) {
             return err("notify_url", rule);

@@ -43,7 +43,7 @@ pub mod pay;
 pub mod pem;
 pub mod sms;
 
-pub use config::{ConfigError, SmsConfig, WechatConfig};
+pub use config::{ConfigError, PlatformPublicKey, SmsConfig, WechatConfig};
 pub use miniprogram::subscribe::{DataRuleError, Lang, MiniprogramState, SubscribeMessage, check_value};
 pub use miniprogram::{Errcode, ErrorClass, MiniError, MiniProgramClient, MiniSettings, Session};
 pub use pay::client::{PayClient, PayError, PaySettings};

@@ -202,3 +202,23 @@ fn sms_config_validation() {
     bad.base_url = "http://sms.example.com".into();
     assert!(bad.validate().unwrap_err().to_string().starts_with("sms.base_url"));
 }
+
+#[test]
+fn a_key_rotation_accepts_both_wechat_pay_public_keys() {
+    let pem = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/test_platform_pub.pem");
+    let next = "PUB_KEY_ID_0114232134912410000000000000000001";
+    let c = wechat_config(serde_json::json!({ "additional_platform_public_keys": [{ "id": next, "path": pem }] }));
+    let pay = wechat::PayClient::from_config(&c).unwrap();
+    let mut serials = pay.verifier().serials();
+    serials.sort();
+    assert_eq!(serials, vec!["PUB_KEY_ID_0114232134912410000000000000000000".to_owned(), next.to_owned()]);
+    assert_eq!(pay.settings().platform_public_key_id.as_deref(), Some("PUB_KEY_ID_0114232134912410000000000000000000"));
+    let bad = wechat_config(serde_json::json!({ "additional_platform_public_keys": [{ "id": "KEY2", "path": pem }] }));
+    assert!(bad.validate().unwrap_err().to_string().contains("wechat.additional_platform_public_keys"));
+    let missing = wechat_config(
+        serde_json::json!({ "additional_platform_public_keys": [{ "id": next, "path": "/nonexistent/next.pem" }] }),
+    );
+    assert!(
+        wechat::PayClient::from_config(&missing).unwrap_err().to_string().contains("additional_platform_public_keys")
+    );
+}

@@ -157,6 +157,11 @@ impl PayClient {
             let key = RsaVerifierKey::from_pem_file(path).map_err(|e| key_err("wechat.platform_public_key_path", e))?;
             verifier.add_key(id.clone(), key);
         }
+        for extra in &cfg.additional_platform_public_keys {
+            let key = RsaVerifierKey::from_pem_file(&extra.path)
+                .map_err(|e| key_err("wechat.additional_platform_public_keys", e))?;
+            verifier.add_key(extra.id.clone(), key);
+        }
         let settings = PaySettings {
             mchid: cfg.mchid.clone(),
             appid: cfg.appid.clone(),
