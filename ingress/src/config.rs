@@ -41,6 +41,10 @@ pub struct IngressConfig {
     /// At most one WeChat query per payment per this interval, however often the front end polls.
     #[serde(default = "default_status_query_interval", with = "humantime_serde")]
     pub status_query_interval: Duration,
+    /// Insert the demo homestays into an empty database at start (development and the demo). Off in production,
+    /// where homestays come from the business's own data.
+    #[serde(default = "default_seed_demo_homestays")]
+    pub seed_demo_homestays: bool,
 }
 
 fn default_listen() -> SocketAddr {
@@ -61,6 +65,10 @@ fn default_payment_deadline() -> Duration {
 fn default_status_grace() -> Duration {
     Duration::from_secs(10)
 }
+fn default_seed_demo_homestays() -> bool {
+    true
+}
+
 fn default_status_query_interval() -> Duration {
     Duration::from_secs(5)
 }
@@ -79,6 +87,7 @@ impl IngressConfig {
             payment_deadline: default_payment_deadline(),
             status_grace: default_status_grace(),
             status_query_interval: default_status_query_interval(),
+            seed_demo_homestays: default_seed_demo_homestays(),
         }
     }
 
@@ -135,6 +144,14 @@ mod tests {
         assert_eq!(cfg.listen.port(), 8080);
         assert_eq!(cfg.payment_deadline, Duration::from_secs(1800));
         assert_eq!(cfg.body_limit_bytes, 65536);
+        assert!(cfg.seed_demo_homestays && cfg.jwt_previous_secrets.is_empty());
+        let prod: IngressConfig = serde_json::from_value(serde_json::json!({
+            "jwt_secret": "0123456789abcdef0123456789abcdef", "seed_demo_homestays": false,
+            "jwt_previous_secrets": ["short"]
+        }))
+        .unwrap();
+        assert!(!prod.seed_demo_homestays);
+        assert_eq!(prod.validate().unwrap_err(), "http.jwt_previous_secrets must each be at least 32 bytes");
 
         let short = IngressConfig::new("short");
         assert_eq!(short.validate().unwrap_err(), "http.jwt_secret must be at least 32 bytes");

@@ -81,10 +81,12 @@ async fn bind_http(cfg: &Config) -> anyhow::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on http.listen {addr}: {e}"))
 }
 
-/// `paystream ingress`: the HTTP API (seeds demo homestays into an empty database).
+/// `paystream ingress`: the HTTP API (seeds demo homestays into an empty database unless configured not to).
 pub async fn ingress(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let infra = Infra::connect(cfg).await?;
-    ingress::seed(&mut *infra.pool.get().await?).await?;
+    if cfg.http.as_ref().is_some_and(|h| h.seed_demo_homestays) {
+        ingress::seed(&mut *infra.pool.get().await?).await?;
+    }
     let listener = bind_http(cfg).await?;
     let (addr, admin) = admin::serve(cfg.admin.listen, infra.readiness(&[]), shutdown.clone()).await?;
     tracing::info!(api = %listener.local_addr()?, admin = %addr, "ingress started");
@@ -267,7 +269,9 @@ pub async fn all(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<()
     // Bind the API before the admin port, so that `/readyz` answering means the API accepts connections too.
     let http = match &cfg.http {
         Some(_) => {
-            ingress::seed(&mut *infra.pool.get().await?).await?;
+            if cfg.http.as_ref().is_some_and(|h| h.seed_demo_homestays) {
+                ingress::seed(&mut *infra.pool.get().await?).await?;
+            }
             Some(bind_http(cfg).await?)
         }
         None => None,
