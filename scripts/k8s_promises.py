@@ -233,6 +233,8 @@ def dummy_secret(name: str) -> str:
         return "k" * 32  # exactly 32 bytes, as WeChat's APIv3 key
     if upper.endswith("JWT_SECRET"):
         return "j" * 48
+    if upper.endswith("JWT_PREVIOUS_SECRETS"):
+        return '["' + "p" * 48 + '"]'  # a list, as the Secret key must hold it during a rotation
     if upper.endswith("SECRET_ID"):
         return "AKIDdummydummydummy"
     return "dummy-secret-value"
