@@ -273,7 +273,7 @@ def role_environment(overlay: str, pod_spec: dict, c: dict, configmaps: dict) ->
     return env, notes
 
 
-def run_config(where: str, toml_text: str, env: dict) -> tuple[bool, str]:
+def run_config(where: str, toml_text: str, env: dict, role: list[str]) -> tuple[bool, str]:
     with tempfile.TemporaryDirectory(prefix="k8s-promises-") as tmp:
         cfg = Path(tmp) / "paystream.toml"
         cfg.write_text(toml_text)
@@ -282,7 +282,9 @@ def run_config(where: str, toml_text: str, env: dict) -> tuple[bool, str]:
         clean.update(env)
         clean["PAYSTREAM_CONFIG"] = str(cfg)
         clean["PAYSTREAM__TELEMETRY__LOG_FILTER"] = "warn"
-        p = subprocess.run([str(BIN), "--config", str(cfg), "config"], capture_output=True, text=True, env=clean,
+        # As the role reads it: only the sections it uses, so only their secrets are needed.
+        p = subprocess.run([str(BIN), "--config", str(cfg), "config", "--role", *role], capture_output=True,
+                           text=True, env=clean,
                            timeout=60)
         return p.returncode == 0, (p.stderr.strip() or p.stdout.strip())[-2000:]
 
@@ -540,7 +542,7 @@ def check_overlay(name: str, docs: list[dict], roles: list[list[str]], monitors:
             if not is_paystream(c, images) or role_args(c)[:1] == ["sandbox"]:
                 continue
             env, notes = role_environment(name, spec, c, configmaps)
-            good, out = run_config(f"{name} {ident(w)}", toml_text, env)
+            good, out = run_config(f"{name} {ident(w)}", toml_text, env, role_args(c)[:2])
             if not good:
                 fail(f"{name} {ident(w)}", f"`paystream config` refuses the configuration with this role's "
                                            f"environment: {out}")

@@ -122,8 +122,8 @@ CASES = [
      lambda d: edit_toml(d, "\nstream_replicas = 3", "\nstream_replicas = 1")),
     ("an unknown configuration key", "prod", "`paystream config` refuses", True,
      lambda d: edit_toml(d, "\n[outbox]\n", "\n[outbox]\nbatch_size = 5\n")),
-    ("a role without the JWT secret the loader requires", "dev", "`paystream config` refuses", True,
-     lambda d: drop_env(d, "paystream-relay", "PAYSTREAM__HTTP__JWT_SECRET")),
+    ("the ingress without the JWT secret it signs tokens with", "dev", "`paystream config` refuses", True,
+     lambda d: drop_env(d, "paystream-ingress", "PAYSTREAM__HTTP__JWT_SECRET")),
 ]
 
 

@@ -95,6 +95,30 @@ impl Config {
         Self::from_figment(Figment::new().merge(Toml::string(toml)))
     }
 
+    /// As [`Config::load`] for a role that does not use the sections named in `unused` (`http`, `wechat`, `sms`,
+    /// `notifier`): they are left out before parsing, so the role neither needs nor holds their secrets (the relay
+    /// has no JWT key, the ingress no SMS key) even when one shared `paystream.toml` has every section.
+    pub fn load_for(path: Option<&Path>, unused: &[&str]) -> Result<Config, ConfigError> {
+        if unused.is_empty() {
+            return Self::load(path);
+        }
+        let mut figment = Figment::new();
+        if let Some(p) = path {
+            if !p.exists() {
+                return Err(ConfigError::Missing(p.to_path_buf()));
+            }
+            figment = figment.merge(Toml::file_exact(p));
+        }
+        let figment = figment.merge(Env::prefixed("PAYSTREAM__").split("__"));
+        let mut all: figment::value::Dict = figment
+            .extract()
+            .map_err(|e| ConfigError::Parse(e.into_iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")))?;
+        for section in unused {
+            all.remove(*section);
+        }
+        Self::from_figment(Figment::from(figment::providers::Serialized::defaults(all)))
+    }
+
     fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
         let cfg: Config = figment.extract().map_err(|e| {
             // figment reports every error with the key path it came from; list them one per line.
@@ -203,6 +227,30 @@ mod tests {
             jail.set_env("PAYSTREAM__NATS__PREFIX", "a.b");
             let e = Config::load(Some(Path::new("paystream.toml"))).unwrap_err().to_string();
             assert!(e.contains("nats.prefix"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail fixes the closure's error type
+    fn a_role_is_given_only_the_sections_it_uses_and_needs_only_their_secrets() {
+        figment::Jail::expect_with(|jail| {
+            // A shared file with an [http] and [sms] section whose secrets this role is not given.
+            jail.create_file(
+                "paystream.toml",
+                &format!("{MINIMAL}\n[http]\nlisten = \"127.0.0.1:8080\"\n[sms]\nsdk_app_id = \"1400000000\"\n"),
+            )?;
+            let path = Some(Path::new("paystream.toml"));
+            let e = Config::load(path).unwrap_err().to_string();
+            assert!(e.contains("jwt_secret"), "every section is checked when all are used: {e}");
+            let relay = Config::load_for(path, &["http", "wechat", "sms", "notifier"]).map_err(|e| e.to_string())?;
+            assert!(relay.http.is_none() && relay.sms.is_none());
+            jail.set_env("PAYSTREAM__HTTP__JWT_SECRET", "0123456789abcdef0123456789abcdef");
+            let ingress = Config::load_for(path, &["sms", "notifier"]).map_err(|e| e.to_string())?;
+            assert!(ingress.http.is_some() && ingress.sms.is_none());
+            jail.set_env("PAYSTREAM__NATS__PREFIX", "a.b");
+            let e = Config::load_for(path, &["sms"]).unwrap_err().to_string();
+            assert!(e.contains("nats.prefix"), "kept sections are validated as before: {e}");
             Ok(())
         });
     }

@@ -44,8 +44,12 @@ enum Command {
     },
     /// Apply database migrations and exit.
     Migrate,
-    /// Check the configuration and print it with secrets hidden.
-    Config,
+    /// Check the configuration and print it with secrets hidden; `--role processor payment` checks it as that role
+    /// reads it (only the sections the role uses, so only their secrets are needed).
+    Config {
+        #[arg(long, num_args = 1..=2, value_name = "ROLE")]
+        role: Vec<String>,
+    },
     /// WeChat on loopback (Pay v3, mini-program, SMS) for tests and the demo.
     Sandbox(sandbox_cmd::SandboxArgs),
     /// List dead letters, or republish them to their subject (consumers are idempotent).
@@ -80,6 +84,22 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// The configuration sections a role does not read (given as its command words, e.g. `processor order`).
+fn unused_sections(role: &[&str]) -> anyhow::Result<&'static [&'static str]> {
+    const NONE: &[&str] = &["http", "wechat", "sms", "notifier"];
+    Ok(match role {
+        [] | ["all"] => &[],
+        ["ingress"] => &["sms", "notifier"],
+        ["notifier"] => &["http"],
+        ["relay"] | ["migrate"] | ["processor", "order"] => NONE,
+        ["processor", "payment" | "lifecycle"] => &["http", "sms", "notifier"],
+        other => anyhow::bail!(
+            "unknown role {:?}: all, ingress, notifier, relay, migrate, processor payment|order|lifecycle",
+            other.join(" ")
+        ),
+    })
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let shutdown = shutdown_on_signal();
     if let Command::Sandbox(args) = cli.command {
@@ -88,7 +108,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         return sandbox_cmd::run(args, shutdown).await;
     }
     let path = config::config_path(cli.config.as_deref());
-    let cfg = Config::load(path.as_deref())?;
+    // Each role reads only the sections it uses, so it needs (and holds) only their secrets.
+    let unused = match &cli.command {
+        Command::Ingress => unused_sections(&["ingress"])?,
+        Command::Notifier => unused_sections(&["notifier"])?,
+        Command::Relay => unused_sections(&["relay"])?,
+        Command::Migrate => unused_sections(&["migrate"])?,
+        Command::Processor { name: roles::Processor::Order } => unused_sections(&["processor", "order"])?,
+        Command::Processor { .. } => unused_sections(&["processor", "payment"])?,
+        Command::Config { role } => unused_sections(&role.iter().map(String::as_str).collect::<Vec<_>>())?,
+        _ => &[],
+    };
+    let cfg = Config::load_for(path.as_deref(), unused)?;
     let role = match &cli.command {
         Command::All => "paystream-all",
         Command::Ingress => "paystream-ingress",
@@ -96,7 +127,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Relay => "paystream-relay",
         Command::Processor { .. } => "paystream-processor",
         Command::Migrate => "paystream-migrate",
-        Command::Config => "paystream-config",
+        Command::Config { .. } => "paystream-config",
         Command::Demo(_) => "paystream-demo",
         Command::Dlq(_) => "paystream-dlq",
         Command::Bench { .. } => "paystream-bench",
@@ -110,7 +141,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Relay => roles::relay(&cfg, shutdown).await,
         Command::Processor { name } => roles::processor(name, &cfg, shutdown).await,
         Command::Migrate => roles::migrate(&cfg).await,
-        Command::Config => {
+        Command::Config { .. } => {
             println!(
                 "# configuration is valid ({})",
                 path.map_or("defaults and environment".into(), |p| p.display().to_string())

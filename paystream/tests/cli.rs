@@ -46,6 +46,22 @@ fn bad_configuration_stops_start_up_with_the_key_named() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/paystream.toml"));
 }
 
+#[test]
+fn a_role_needs_only_the_secrets_of_the_sections_it_reads() {
+    // A shared file: [http] for the ingress, without its JWT secret here.
+    let path = write_config("[database]\nurl = \"postgres://postgres@127.0.0.1/x\"\n[http]\njwt_ttl = \"2h\"\n");
+    let check =
+        |role: &[&str]| paystream().arg("--config").arg(&path).args(["config", "--role"]).args(role).output().unwrap();
+    let relay = check(&["relay"]);
+    assert!(relay.status.success(), "{}", String::from_utf8_lossy(&relay.stderr));
+    assert!(check(&["processor", "order"]).status.success());
+    let ingress = check(&["ingress"]);
+    assert!(!ingress.status.success());
+    assert!(String::from_utf8_lossy(&ingress.stderr).contains("jwt_secret"), "the ingress needs its key");
+    let unknown = check(&["cashier"]);
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("unknown role"));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn all_comes_up_ready_and_stops_on_sigterm() {
     let db = testkit::TestDb::create().await;
