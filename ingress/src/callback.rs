@@ -97,7 +97,7 @@ pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
                 out_trade_no: r.out_trade_no,
                 out_refund_no: r.out_refund_no,
                 refund_id: r.refund_id,
-                status: refund_status(r.refund_status).to_owned(),
+                status: r.refund_status.as_str().to_owned(),
                 success_time: r
                     .success_time
                     .as_deref()
@@ -111,15 +111,6 @@ pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
             let env = span.in_scope(|| report.envelope());
             publish(&state, env, &notification_id, &out_trade_no).instrument(span).await
         }
-    }
-}
-
-fn refund_status(s: wechat::RefundStatus) -> &'static str {
-    match s {
-        wechat::RefundStatus::Success => "SUCCESS",
-        wechat::RefundStatus::Closed => "CLOSED",
-        wechat::RefundStatus::Processing => "PROCESSING",
-        wechat::RefundStatus::Abnormal => "ABNORMAL",
     }
 }
 

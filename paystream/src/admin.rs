@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use futures::StreamExt as _;
 use serde_json::json;
 use storage::{PgPool, RunQueryDsl};
 use tokio_util::sync::CancellationToken;
@@ -31,25 +32,28 @@ impl Readiness {
             async_nats::connection::State::Connected => Ok(()),
             other => Err(format!("{other:?}")),
         };
+        // One look at each stream: that it exists and, for a role with consumers, which consumers it holds.
         let mut streams = Ok(());
+        let mut provisioned = std::collections::HashSet::new();
         for name in self.topology.streams() {
-            if let Err(e) = self.js.get_stream(&name).await {
-                streams = Err(format!("stream {name}: {e}"));
-                break;
-            }
-        }
-        let mut consumers = Ok(());
-        'each: for name in &self.consumers {
-            for stream in self.topology.streams() {
-                if let Ok(s) = self.js.get_stream(&stream).await
-                    && s.consumer_info(name).await.is_ok()
-                {
-                    continue 'each;
+            match self.js.get_stream(&name).await {
+                Ok(s) if !self.consumers.is_empty() => {
+                    let mut names = s.consumer_names();
+                    while let Some(Ok(c)) = names.next().await {
+                        provisioned.insert(c);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    streams = Err(format!("stream {name}: {e}"));
+                    break;
                 }
             }
-            consumers = Err(format!("consumer {name} not provisioned yet"));
-            break;
         }
+        let consumers = match self.consumers.iter().find(|c| !provisioned.contains(*c)) {
+            Some(name) => Err(format!("consumer {name} not provisioned yet")),
+            None => Ok(()),
+        };
         vec![("postgres", db), ("nats", nats), ("streams", streams), ("consumers", consumers)]
     }
 }

@@ -76,17 +76,16 @@ pub fn config_path(explicit: Option<&Path>) -> Option<PathBuf> {
         .or_else(|| Some(PathBuf::from("paystream.toml")).filter(|p| p.exists()))
 }
 
+/// figment reports every error with the key path it came from; one per line.
+fn parse_error(e: figment::Error) -> ConfigError {
+    ConfigError::Parse(e.into_iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))
+}
+
 impl Config {
-    /// Loads and validates. `path` must exist when given.
+    /// Loads and validates every section (the configuration of `paystream all`). `path` must exist when given.
+    #[cfg(test)]
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-        let mut figment = Figment::new();
-        if let Some(p) = path {
-            if !p.exists() {
-                return Err(ConfigError::Missing(p.to_path_buf()));
-            }
-            figment = figment.merge(Toml::file_exact(p));
-        }
-        Self::from_figment(figment.merge(Env::prefixed("PAYSTREAM__").split("__")))
+        Self::load_for(path, &[])
     }
 
     /// Loads from a TOML string alone (no environment), for tests.
@@ -99,9 +98,6 @@ impl Config {
     /// `notifier`): they are left out before parsing, so the role neither needs nor holds their secrets (the relay
     /// has no JWT key, the ingress no SMS key) even when one shared `paystream.toml` has every section.
     pub fn load_for(path: Option<&Path>, unused: &[&str]) -> Result<Config, ConfigError> {
-        if unused.is_empty() {
-            return Self::load(path);
-        }
         let mut figment = Figment::new();
         if let Some(p) = path {
             if !p.exists() {
@@ -110,9 +106,11 @@ impl Config {
             figment = figment.merge(Toml::file_exact(p));
         }
         let figment = figment.merge(Env::prefixed("PAYSTREAM__").split("__"));
-        let mut all: figment::value::Dict = figment
-            .extract()
-            .map_err(|e| ConfigError::Parse(e.into_iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")))?;
+        if unused.is_empty() {
+            // Straight from the sources: figment's errors then also say which file or variable a value came from.
+            return Self::from_figment(figment);
+        }
+        let mut all: figment::value::Dict = figment.extract().map_err(parse_error)?;
         for section in unused {
             all.remove(*section);
         }
@@ -120,10 +118,7 @@ impl Config {
     }
 
     fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
-        let cfg: Config = figment.extract().map_err(|e| {
-            // figment reports every error with the key path it came from; list them one per line.
-            ConfigError::Parse(e.into_iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))
-        })?;
+        let cfg: Config = figment.extract().map_err(parse_error)?;
         cfg.validate()?;
         Ok(cfg)
     }

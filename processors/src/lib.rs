@@ -13,7 +13,7 @@ pub mod timeout;
 pub use metrics::register as register_metrics;
 pub use order::{CONSUMER as ORDER_CONSUMER, OrderProcessor};
 pub use payment::PaymentProcessor;
-pub use reconcile::{ReconcileConfig, Reconciler};
+pub use reconcile::{ReconcileConfig, Reconciler, transaction_report};
 pub use refund::{RefundConfig, RefundProcessor, RefundReconciler, RefundRequester};
 pub use timeout::{TimeoutCloser, TimeoutConfig};
 

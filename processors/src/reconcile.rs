@@ -199,7 +199,7 @@ impl Reconciler {
         }
         // The envelope id comes from (out_trade_no, trade_state): the same answer found twice (or by the status
         // endpoint too) is one event.
-        match self.publisher.publish(&report(t).envelope()).await {
+        match self.publisher.publish(&transaction_report(t).envelope()).await {
             Ok(_) => {
                 m().fixed.inc();
                 Outcome::Fixed
@@ -234,8 +234,9 @@ impl Reconciler {
     }
 }
 
-/// A verified query answer as the event the payment processor consumes (the ingress maps callbacks the same way).
-fn report(t: wechat::Transaction) -> WechatTransactionReported {
+/// A verified query answer as the event the payment processor consumes (the ingress maps callbacks the same way;
+/// the timeout closer uses this too).
+pub fn transaction_report(t: wechat::Transaction) -> WechatTransactionReported {
     let amount = t.amount.as_ref();
     WechatTransactionReported {
         source: ReportSource::Query,
@@ -247,14 +248,15 @@ fn report(t: wechat::Transaction) -> WechatTransactionReported {
         trade_type: t.trade_type.clone(),
         trade_state: t.trade_state.as_str().to_owned(),
         trade_state_desc: t.trade_state_desc.clone(),
-        success_time: t
-            .success_time
-            .as_deref()
-            .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
-            .map(|d| d.with_timezone(&Utc)),
+        success_time: t.success_time.as_deref().and_then(wechat_time),
         amount_total: amount.and_then(|a| a.total),
         currency: amount.and_then(|a| a.currency.clone()),
     }
+}
+
+/// A WeChat time (RFC 3339 with offset, e.g. `2026-11-27T10:05:00+08:00`) in UTC; `None` when malformed.
+pub(crate) fn wechat_time(s: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s).ok().map(|d| d.with_timezone(&Utc))
 }
 
 /// Spaces queries at least `1 / max_queries_per_second` apart (no burst: the quota is shared with prepay).

@@ -99,25 +99,11 @@ pub fn refund_report(r: wechat::Refund) -> WechatRefundReported {
         out_trade_no: r.out_trade_no,
         out_refund_no: r.out_refund_no,
         refund_id: r.refund_id,
-        status: refund_status_str(r.status).to_owned(),
-        success_time: r.success_time.as_deref().and_then(parse_time),
+        status: r.status.as_str().to_owned(),
+        success_time: r.success_time.as_deref().and_then(crate::reconcile::wechat_time),
         amount_refund: r.amount.refund,
         amount_total: r.amount.total,
     }
-}
-
-/// WeChat's spelling of a refund status.
-pub fn refund_status_str(s: wechat::RefundStatus) -> &'static str {
-    match s {
-        wechat::RefundStatus::Success => "SUCCESS",
-        wechat::RefundStatus::Closed => "CLOSED",
-        wechat::RefundStatus::Processing => "PROCESSING",
-        wechat::RefundStatus::Abnormal => "ABNORMAL",
-    }
-}
-
-fn parse_time(s: &str) -> Option<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(s).ok().map(|d| d.with_timezone(&Utc))
 }
 
 /// Handler for the `refund` consumer.
@@ -183,7 +169,7 @@ impl Handler for RefundRequester {
             .await
             .map_err(|e| wechat_error(&sn, e))?;
         metrics::refund_outcome("requested_at_wechat");
-        tracing::info!(refund = %sn, payment = %refund.payment_sn, status = refund_status_str(answer.status), "refund accepted by WeChat");
+        tracing::info!(refund = %sn, payment = %refund.payment_sn, status = answer.status.as_str(), "refund accepted by WeChat");
         // One path into the refund state: WeChat's answer goes where its callbacks go. A lost publish is retried
         // with the request (WeChat answers the same refund again).
         self.publisher
@@ -371,7 +357,7 @@ impl RefundReconciler {
                     continue;
                 }
             };
-            metrics::refund_query(refund_status_str(answer.status));
+            metrics::refund_query(answer.status.as_str());
             match self.publisher.publish(&refund_report(answer).envelope()).await {
                 Ok(_) => report.published += 1,
                 Err(e) => {

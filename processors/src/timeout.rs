@@ -52,7 +52,6 @@ use std::time::Duration;
 use bus::Publisher;
 use bus::events::{
     MiniprogramNotify, NotificationRequest, NotifyParams, NotifyTemplate, OrderStatusChanged, PaymentStatusChanged,
-    ReportSource, WechatTransactionReported,
 };
 use chrono::{DateTime, Utc};
 use prometheus::{IntCounter, IntCounterVec, Opts};
@@ -281,7 +280,7 @@ impl TimeoutCloser {
                     tracing::error!(pay_sn = sn, appid = %t.appid, mchid = %t.mchid, "WeChat answered for another merchant");
                     return AtWechat::Skip("wechat_error");
                 }
-                let report = report(t);
+                let report = crate::transaction_report(t);
                 match self.publisher.publish(&report.envelope()).await {
                     Ok(_) => {
                         tracing::info!(pay_sn = sn, "paid at WeChat before the close: the payment path completes it");
@@ -376,29 +375,6 @@ async fn notify_closed(c: &mut Conn, order: &orders::OrderRow, user: UserId) -> 
     let req = NotificationRequest { template: NotifyTemplate::OrderClosed, user_id: user, params };
     // The envelope id is derived from (order, template, channel): one request per order, whatever happens.
     bus::enqueue(c, &MiniprogramNotify(req).envelope()).await
-}
-
-/// A verified query answer as the event the payment processor consumes.
-fn report(t: wechat::Transaction) -> WechatTransactionReported {
-    let amount = t.amount.as_ref();
-    WechatTransactionReported {
-        source: ReportSource::Query,
-        notification_id: None,
-        appid: t.appid.clone(),
-        mchid: t.mchid.clone(),
-        out_trade_no: t.out_trade_no.clone(),
-        transaction_id: t.transaction_id.clone(),
-        trade_type: t.trade_type.clone(),
-        trade_state: t.trade_state.as_str().to_owned(),
-        trade_state_desc: t.trade_state_desc.clone(),
-        success_time: t
-            .success_time
-            .as_deref()
-            .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
-            .map(|d| d.with_timezone(&Utc)),
-        amount_total: amount.and_then(|a| a.total),
-        currency: amount.and_then(|a| a.currency.clone()),
-    }
 }
 
 fn skipped(report: &mut CloseReport, reason: &'static str) {

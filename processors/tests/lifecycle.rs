@@ -634,21 +634,7 @@ async fn a_pass_closes_at_most_a_batch_oldest_deadline_first() {
 /// What WeChat says about the booking's transaction, as the reconciler would publish it.
 async fn report_from_wechat(env: &Env, b: &Booking) {
     let t = env.pay.query_by_out_trade_no(b.payment.as_str()).await.unwrap();
-    let amount = t.amount.as_ref();
-    let report = bus::events::WechatTransactionReported {
-        source: bus::events::ReportSource::Query,
-        notification_id: None,
-        appid: t.appid.clone(),
-        mchid: t.mchid.clone(),
-        out_trade_no: t.out_trade_no.clone(),
-        transaction_id: t.transaction_id.clone(),
-        trade_type: t.trade_type.clone(),
-        trade_state: t.trade_state.as_str().to_owned(),
-        trade_state_desc: t.trade_state_desc.clone(),
-        success_time: Some(Utc::now()),
-        amount_total: amount.and_then(|a| a.total),
-        currency: amount.and_then(|a| a.currency.clone()),
-    };
+    let report = processors::transaction_report(t);
     env.publisher.publish(&report.envelope()).await.unwrap();
 }
 

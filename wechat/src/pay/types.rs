@@ -174,6 +174,18 @@ pub enum RefundStatus {
     Abnormal,
 }
 
+impl RefundStatus {
+    /// WeChat's spelling, as on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Success => "SUCCESS",
+            Self::Closed => "CLOSED",
+            Self::Processing => "PROCESSING",
+            Self::Abnormal => "ABNORMAL",
+        }
+    }
+}
+
 /// Amounts in a refund callback, in fen.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RefundNoticeAmount {
