@@ -81,6 +81,74 @@ fn parse_error(e: figment::Error) -> ConfigError {
     ConfigError::Parse(e.into_iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))
 }
 
+/// The keys taken from the environment as they are written (see [`strings_from_env`]): the secrets, and the ids that
+/// may be all digits (a merchant id read as TOML is a number, and refused).
+const STRING_KEYS: &[&str] = &[
+    "database.url",
+    "http.jwt_secret",
+    "wechat.apiv3_key",
+    "wechat.miniprogram_secret",
+    "wechat.mchid",
+    "wechat.appid",
+    "wechat.merchant_serial_no",
+    "sms.secret_id",
+    "sms.secret_key",
+    "sms.sdk_app_id",
+];
+
+/// `PAYSTREAM__SECTION__KEY` → `section.key`.
+fn env() -> Env {
+    Env::prefixed("PAYSTREAM__").split("__")
+}
+
+/// The string key an environment key sets, and whether it names a file holding the value (`…_FILE`).
+fn string_key(env_key: &str) -> Option<(&'static str, bool)> {
+    let key = env_key.to_ascii_lowercase();
+    let (key, file) = match key.strip_suffix("_file") {
+        Some(stem) => (stem, true),
+        None => (key.as_str(), false),
+    };
+    STRING_KEYS.iter().find(|k| **k == key).map(|k| (*k, file))
+}
+
+/// Sets the [`STRING_KEYS`] given in the environment, over the file: `PAYSTREAM__HTTP__JWT_SECRET` holds the value
+/// itself and `PAYSTREAM__HTTP__JWT_SECRET_FILE` the path of a file holding it (a mounted Kubernetes or Docker
+/// secret; one trailing newline is dropped).
+///
+/// Written by hand because figment's `Env` reads every value as TOML: a secret of digits became a number and was
+/// refused (with the secret itself in the error message), and a secret in quotes lost them. These keys are taken as
+/// written, always strings, and an error names the variable, never the value.
+/// Keys of the `unused` sections are skipped: a role does not read another role's secret files.
+fn strings_from_env(mut figment: Figment, unused: &[&str]) -> Result<Figment, ConfigError> {
+    let mut seen: Vec<(&str, String)> = Vec::new();
+    for (env_key, raw) in env().iter() {
+        let Some((key, from_file)) = string_key(env_key.as_str()) else { continue };
+        if unused.iter().any(|section| key.split('.').next() == Some(*section)) {
+            continue;
+        }
+        let var = format!("PAYSTREAM__{}", env_key.as_str().to_ascii_uppercase().replace('.', "__"));
+        if let Some((_, other)) = seen.iter().find(|(k, _)| *k == key) {
+            return Err(ConfigError::Invalid(format!("{key} is set twice, by {other} and by {var}: keep one")));
+        }
+        let value = if from_file {
+            let mut text = std::fs::read_to_string(&raw)
+                .map_err(|e| ConfigError::Invalid(format!("{key}: {var} names {raw}, which cannot be read: {e}")))?;
+            if text.ends_with('\n') {
+                text.pop();
+                if text.ends_with('\r') {
+                    text.pop();
+                }
+            }
+            text
+        } else {
+            raw
+        };
+        figment = figment.merge(figment::providers::Serialized::default(key, value));
+        seen.push((key, var));
+    }
+    Ok(figment)
+}
+
 impl Config {
     /// Loads and validates every section (the configuration of `paystream all`). `path` must exist when given.
     #[cfg(test)]
@@ -105,7 +173,8 @@ impl Config {
             }
             figment = figment.merge(Toml::file_exact(p));
         }
-        let figment = figment.merge(Env::prefixed("PAYSTREAM__").split("__"));
+        let figment = figment.merge(env().filter(|key| string_key(key.as_str()).is_none()));
+        let figment = strings_from_env(figment, unused)?;
         if unused.is_empty() {
             // Straight from the sources: figment's errors then also say which file or variable a value came from.
             return Self::from_figment(figment);
@@ -156,6 +225,8 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+    use secrecy::ExposeSecret as _;
+
     use super::*;
 
     const MINIMAL: &str = r#"
@@ -246,6 +317,50 @@ mod tests {
             jail.set_env("PAYSTREAM__NATS__PREFIX", "a.b");
             let e = Config::load_for(path, &["sms"]).unwrap_err().to_string();
             assert!(e.contains("nats.prefix"), "kept sections are validated as before: {e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail fixes the closure's error type
+    fn secrets_and_ids_in_the_environment_are_taken_as_written() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "paystream.toml",
+                &format!(
+                    "{MINIMAL}\n[http]\nlisten = \"127.0.0.1:8080\"\njwt_secret = \"from-the-file-from-the-file-from-the-file\"\n"
+                ),
+            )?;
+            let path = Some(Path::new("paystream.toml"));
+            // All digits (TOML would make it a number, refused with the secret in the message), and quoted.
+            jail.set_env("PAYSTREAM__HTTP__JWT_SECRET", "12345678901234567890123456789012");
+            let cfg = Config::load(path).map_err(|e| e.to_string())?;
+            assert_eq!(cfg.http.as_ref().unwrap().jwt_secret.expose_secret(), "12345678901234567890123456789012");
+            jail.set_env("PAYSTREAM__HTTP__JWT_SECRET", "\"quoted-secret-quoted-secret-quoted\"");
+            let cfg = Config::load(path).map_err(|e| e.to_string())?;
+            assert_eq!(cfg.http.as_ref().unwrap().jwt_secret.expose_secret(), "\"quoted-secret-quoted-secret-quoted\"");
+            // A digits-only secret that is too short is refused by key, without the value.
+            jail.set_env("PAYSTREAM__HTTP__JWT_SECRET", "31415926");
+            let e = Config::load(path).unwrap_err().to_string();
+            assert!(e.contains("http.jwt_secret") && !e.contains("31415926"), "{e}");
+            // From a file (a mounted secret): one trailing newline dropped.
+            jail.create_file("jwt", "0000000000000000000000000000000000000001\n")?;
+            jail.set_env("PAYSTREAM__HTTP__JWT_SECRET_FILE", "jwt");
+            let e = Config::load(path).unwrap_err().to_string();
+            assert!(e.contains("set twice") && e.contains("PAYSTREAM__HTTP__JWT_SECRET_FILE"), "{e}");
+            jail.clear_env();
+            jail.set_env("PAYSTREAM__HTTP__JWT_SECRET_FILE", "jwt");
+            let cfg = Config::load(path).map_err(|e| e.to_string())?;
+            assert_eq!(
+                cfg.http.as_ref().unwrap().jwt_secret.expose_secret(),
+                "0000000000000000000000000000000000000001"
+            );
+            jail.set_env("PAYSTREAM__HTTP__JWT_SECRET_FILE", "/nonexistent/jwt");
+            let e = Config::load(path).unwrap_err().to_string();
+            assert!(e.contains("http.jwt_secret") && e.contains("/nonexistent/jwt"), "{e}");
+            // A role without [http] does not read the ingress's secret file.
+            let relay = Config::load_for(path, &["http", "wechat", "sms", "notifier"]).map_err(|e| e.to_string())?;
+            assert!(relay.http.is_none());
             Ok(())
         });
     }
