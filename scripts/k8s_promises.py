@@ -417,6 +417,9 @@ def check_overlay(name: str, docs: list[dict], roles: list[list[str]], monitors:
             fail(name, "wechat.miniprogram_base_url is not https://api.weixin.qq.com")
         if wechat.get("allow_insecure_loopback"):
             fail(name, "wechat.allow_insecure_loopback is on in prod")
+        for section in ("wechat", "sms"):
+            if (cfg.get(section) or {}).get("insecure_http_hosts"):
+                fail(name, f"{section}.insecure_http_hosts is set in prod: WeChat and Tencent Cloud only over https")
     else:
         if state != "developer":
             fail(name, f"notifier.miniprogram_state is {state!r}, dev sends as developer")

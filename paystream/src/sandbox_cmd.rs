@@ -57,6 +57,10 @@ pub struct ServeArgs {
     /// Divides WeChat's delays (callback retries, refund processing): 1000 makes 15 s 15 ms.
     #[arg(long, default_value_t = 1.0)]
     pub time_scale: f64,
+    /// Also call back (and accept as notify_url) hosts other than loopback, over http too: a sandbox in a
+    /// development cluster calling the ingress's Service. Off by default.
+    #[arg(long)]
+    pub allow_remote_callbacks: bool,
 }
 
 /// Runs `paystream sandbox …` until `shutdown` fires (serve) or the identity is written (init).
@@ -82,7 +86,11 @@ async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<(
     let identity = sandbox::load_or_init(&dir).with_context(|| format!("loading the identity in {}", dir.display()))?;
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
-    let options = sandbox::SandboxOptions { time_scale: args.time_scale, ..Default::default() };
+    let options = sandbox::SandboxOptions {
+        time_scale: args.time_scale,
+        allow_remote_callbacks: args.allow_remote_callbacks,
+        ..Default::default()
+    };
     let server = sandbox::Sandbox::bind(identity, options, listener).context("starting the sandbox")?;
     // The first line of stdout is the contract with scripts and tests that start us on port 0.
     let mut out = std::io::stdout().lock();

@@ -475,3 +475,26 @@ async fn the_typed_control_client_drives_the_sandbox() {
     assert!(control.subscribe_messages().await.unwrap().is_empty());
     control.set_templates(&["TPL"]).await.unwrap();
 }
+
+#[tokio::test]
+async fn remote_callbacks_over_http_only_when_allowed() {
+    // A sandbox in a development cluster calls back the ingress's Service by name, over http.
+    let env = common::spawn_with(sandbox::SandboxOptions { allow_remote_callbacks: true, ..Default::default() }).await;
+    let m = &env.merchant;
+    let no = order_no();
+    let a = m.prepay(&no, 1, "http://paystream-ingress.invalid:8080/notify").await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(m.pay(&no, "SUCCESS").await.status(), 200);
+    // Delivery is attempted (and fails: the name does not resolve) instead of being refused unsent.
+    let rec = wait_for("attempted delivery", DEADLINE, || async {
+        let v = m.control_get(&format!("/sandbox/v1/callbacks?out_trade_no={no}")).await;
+        v["data"].as_array().and_then(|a| a.first().cloned())
+    })
+    .await;
+    let error = rec["error"].as_str().unwrap_or_default();
+    assert!(!error.is_empty() && !error.starts_with("not sent"), "{rec}");
+    // https is still required of everyone else, and the default sandbox refuses a remote http notify_url.
+    let env = spawn().await;
+    let a = env.merchant.prepay(&order_no(), 1, "http://paystream-ingress.invalid:8080/notify").await;
+    assert_eq!((a.status, a.code().as_str()), (400, "PARAM_ERROR"));
+}

@@ -91,6 +91,10 @@ pub struct WechatConfig {
     /// Lets `notify_url` and base URLs be plain http on loopback (development and tests only).
     #[serde(default)]
     pub allow_insecure_loopback: bool,
+    /// Hosts that `notify_url` and the base URLs may name over plain http: the sandbox's and the ingress's Services
+    /// in a development cluster. Empty (and refused by the prod overlay's checks) in production.
+    #[serde(default)]
+    pub insecure_http_hosts: Vec<String>,
 }
 
 impl WechatConfig {
@@ -133,11 +137,15 @@ impl WechatConfig {
         if self.additional_platform_public_keys.iter().any(|k| !k.id.starts_with("PUB_KEY_ID_")) {
             return err("additional_platform_public_keys", "every id must start with PUB_KEY_ID_");
         }
-        if let Err(rule) = rules::notify_url(&self.notify_url, self.allow_insecure_loopback) {
+        if let Err(rule) = rules::insecure_http_hosts(&self.insecure_http_hosts) {
+            return err("insecure_http_hosts", rule);
+        }
+        if let Err(rule) = rules::notify_url(&self.notify_url, self.allow_insecure_loopback, &self.insecure_http_hosts)
+        {
             return err("notify_url", rule);
         }
         for (key, url) in [("pay_base_url", &self.pay_base_url), ("miniprogram_base_url", &self.miniprogram_base_url)] {
-            if let Err(rule) = rules::base_url(url) {
+            if let Err(rule) = rules::base_url(url, &self.insecure_http_hosts) {
                 return err(key, rule);
             }
         }
@@ -173,12 +181,18 @@ pub struct SmsConfig {
     pub region: String,
     #[serde(default = "default_timeout_ms")]
     pub request_timeout_ms: u64,
+    /// Hosts `base_url` may name over plain http (the sandbox's Service in a development cluster).
+    #[serde(default)]
+    pub insecure_http_hosts: Vec<String>,
 }
 
 impl SmsConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |key: &str, msg: &str| Err(ConfigError::new(format!("sms.{key}"), msg));
-        if let Err(rule) = rules::base_url(&self.base_url) {
+        if let Err(rule) = rules::insecure_http_hosts(&self.insecure_http_hosts) {
+            return err("insecure_http_hosts", rule);
+        }
+        if let Err(rule) = rules::base_url(&self.base_url, &self.insecure_http_hosts) {
             return err("base_url", rule);
         }
         if self.secret_id.is_empty() {

@@ -125,6 +125,7 @@ fn client(base_url: &str, public_key_mode: bool) -> PayClient {
             base_url: base_url.into(),
             timeout: Duration::from_millis(500),
             allow_insecure_loopback: false,
+            insecure_http_hosts: Vec::new(),
             platform_public_key_id: public_key_mode.then(|| PUB_KEY_ID.to_owned()),
         },
         RsaSigner::from_pkcs8_pem(MERCHANT_KEY).unwrap(),

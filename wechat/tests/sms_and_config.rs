@@ -170,6 +170,25 @@ fn wechat_config_errors_name_the_key() {
     wechat_config(serde_json::json!({"notify_url": "http://127.0.0.1:8080/n", "allow_insecure_loopback": true}))
         .validate()
         .unwrap();
+    // A development cluster: the sandbox's and the ingress's Services over http, by name only.
+    let dev = serde_json::json!({
+        "notify_url": "http://paystream-ingress:8080/n",
+        "pay_base_url": "http://wechat-sandbox:8090",
+        "miniprogram_base_url": "http://wechat-sandbox:8090",
+        "insecure_http_hosts": ["wechat-sandbox", "paystream-ingress"],
+    });
+    wechat_config(dev).validate().unwrap();
+    let e = wechat_config(serde_json::json!({
+        "pay_base_url": "http://wechat-sandbox:8090",
+        "insecure_http_hosts": ["paystream-ingress"],
+    }))
+    .validate()
+    .unwrap_err();
+    assert!(e.to_string().starts_with("wechat.pay_base_url"), "{e}");
+    let e = wechat_config(serde_json::json!({"insecure_http_hosts": ["http://wechat-sandbox:8090"]}))
+        .validate()
+        .unwrap_err();
+    assert!(e.to_string().starts_with("wechat.insecure_http_hosts"), "{e}");
     wechat_config(serde_json::json!({"platform_public_key_id": null, "platform_public_key_path": null, "platform_certificates": true}))
         .validate()
         .unwrap();

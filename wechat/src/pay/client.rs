@@ -83,6 +83,8 @@ pub struct PaySettings {
     pub base_url: String,
     pub timeout: Duration,
     pub allow_insecure_loopback: bool,
+    /// Hosts a notify_url may name over plain http (`wechat.insecure_http_hosts`).
+    pub insecure_http_hosts: Vec<String>,
     /// Sent as `Wechatpay-Serial` so WeChat signs its answers with the public key (public-key mode).
     pub platform_public_key_id: Option<String>,
 }
@@ -170,6 +172,7 @@ impl PayClient {
             base_url: cfg.pay_base_url.clone(),
             timeout: Duration::from_millis(cfg.request_timeout_ms),
             allow_insecure_loopback: cfg.allow_insecure_loopback,
+            insecure_http_hosts: cfg.insecure_http_hosts.clone(),
             platform_public_key_id: cfg.platform_public_key_id.clone(),
         };
         Self::new(settings, signer, verifier, cfg.apiv3_key_bytes()?)
@@ -225,7 +228,8 @@ impl PayClient {
         if let Some(t) = &req.time_expire {
             rules::time_expire(t)?;
         }
-        rules::notify_url(&req.notify_url, self.inner.settings.allow_insecure_loopback)
+        let s = &self.inner.settings;
+        rules::notify_url(&req.notify_url, s.allow_insecure_loopback, &s.insecure_http_hosts)
             .map_err(|rule| FieldError { field: "notify_url", rule })
     }
 
@@ -288,7 +292,8 @@ impl PayClient {
             rules::refund_reason(r)?;
         }
         if let Some(u) = &req.notify_url {
-            rules::notify_url(u, self.inner.settings.allow_insecure_loopback)
+            let s = &self.inner.settings;
+            rules::notify_url(u, s.allow_insecure_loopback, &s.insecure_http_hosts)
                 .map_err(|rule| FieldError { field: "notify_url", rule })?;
         }
         rules::amount("amount.refund", req.amount.refund)?;

@@ -88,8 +88,9 @@ fn is_loopback_host(host: &str) -> bool {
 }
 
 /// `notify_url`: https, at most 255 characters, no query string; `http://` on a loopback host
-/// only when `allow_insecure_loopback` (development against the sandbox).
-pub fn notify_url(v: &str, allow_insecure_loopback: bool) -> Result<(), &'static str> {
+/// only when `allow_insecure_loopback` (development against the sandbox), or on a host named in
+/// `insecure_http_hosts` (the sandbox in a development cluster calling the ingress's Service).
+pub fn notify_url(v: &str, allow_insecure_loopback: bool, insecure_http_hosts: &[String]) -> Result<(), &'static str> {
     if v.len() > 255 {
         return Err("must be at most 255 characters");
     }
@@ -104,6 +105,7 @@ pub fn notify_url(v: &str, allow_insecure_loopback: bool) -> Result<(), &'static
     match url.scheme() {
         "https" => Ok(()),
         "http" if allow_insecure_loopback && is_loopback_host(host) => Ok(()),
+        "http" if is_insecure_http_host(host, insecure_http_hosts) => Ok(()),
         "http" if is_loopback_host(host) => {
             Err("must be https (set allow_insecure_loopback for http on loopback in development)")
         }
@@ -112,8 +114,9 @@ pub fn notify_url(v: &str, allow_insecure_loopback: bool) -> Result<(), &'static
 }
 
 /// A base URL: https, or http on a loopback host (the sandbox; requests are signed and answers
-/// verified either way, and loopback traffic does not leave the machine).
-pub fn base_url(v: &str) -> Result<(), &'static str> {
+/// verified either way, and loopback traffic does not leave the machine) or on a host named in
+/// `insecure_http_hosts` (the sandbox's Service in a development cluster).
+pub fn base_url(v: &str, insecure_http_hosts: &[String]) -> Result<(), &'static str> {
     let url = reqwest::Url::parse(v).map_err(|_| "must be an absolute URL")?;
     let host = url.host_str().ok_or("must have a host")?;
     if url.query().is_some() {
@@ -121,9 +124,20 @@ pub fn base_url(v: &str) -> Result<(), &'static str> {
     }
     match url.scheme() {
         "https" => Ok(()),
-        "http" if is_loopback_host(host) => Ok(()),
-        _ => Err("must be https (http only on loopback)"),
+        "http" if is_loopback_host(host) || is_insecure_http_host(host, insecure_http_hosts) => Ok(()),
+        _ => Err("must be https (http only on loopback or a host in insecure_http_hosts)"),
     }
+}
+
+fn is_insecure_http_host(host: &str, insecure_http_hosts: &[String]) -> bool {
+    insecure_http_hosts.iter().any(|h| h.eq_ignore_ascii_case(host))
+}
+
+/// `insecure_http_hosts`: bare host names (no scheme, port or path), for development clusters only.
+pub fn insecure_http_hosts(hosts: &[String]) -> Result<(), &'static str> {
+    let bare =
+        |h: &String| !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+    if hosts.iter().all(bare) { Ok(()) } else { Err("must list bare host names (no scheme, port or path)") }
 }
 
 #[cfg(test)]
@@ -149,22 +163,34 @@ mod tests {
 
     #[test]
     fn notify_url_rules() {
-        assert!(notify_url("https://pay.example.com/wechat/notify", false).is_ok());
-        assert!(notify_url("https://pay.example.com/n?x=1", false).is_err());
-        assert!(notify_url("https://pay.example.com/n?", false).is_err());
-        assert!(notify_url("http://pay.example.com/n", true).is_err());
-        assert!(notify_url("http://127.0.0.1:8080/n", false).is_err());
-        assert!(notify_url("http://127.0.0.1:8080/n", true).is_ok());
-        assert!(notify_url("http://[::1]:8080/n", true).is_ok());
-        assert!(notify_url("http://localhost/n", true).is_ok());
-        assert!(notify_url(&format!("https://a.com/{}", "x".repeat(250)), false).is_err());
-        assert!(notify_url("not a url", false).is_err());
+        assert!(notify_url("https://pay.example.com/wechat/notify", false, &[]).is_ok());
+        assert!(notify_url("https://pay.example.com/n?x=1", false, &[]).is_err());
+        assert!(notify_url("https://pay.example.com/n?", false, &[]).is_err());
+        assert!(notify_url("http://pay.example.com/n", true, &[]).is_err());
+        assert!(notify_url("http://127.0.0.1:8080/n", false, &[]).is_err());
+        assert!(notify_url("http://127.0.0.1:8080/n", true, &[]).is_ok());
+        assert!(notify_url("http://[::1]:8080/n", true, &[]).is_ok());
+        assert!(notify_url("http://localhost/n", true, &[]).is_ok());
+        assert!(notify_url(&format!("https://a.com/{}", "x".repeat(250)), false, &[]).is_err());
+        assert!(notify_url("not a url", false, &[]).is_err());
+        let ingress = ["paystream-ingress".to_owned()];
+        assert!(notify_url("http://paystream-ingress:8080/n", false, &ingress).is_ok());
+        assert!(notify_url("http://paystream-ingress.example:8080/n", false, &ingress).is_err());
     }
 
     #[test]
     fn base_url_rules() {
-        assert!(base_url("https://api.mch.weixin.qq.com").is_ok());
-        assert!(base_url("http://127.0.0.1:9000").is_ok());
-        assert!(base_url("http://api.mch.weixin.qq.com").is_err());
+        assert!(base_url("https://api.mch.weixin.qq.com", &[]).is_ok());
+        assert!(base_url("http://127.0.0.1:9000", &[]).is_ok());
+        assert!(base_url("http://api.mch.weixin.qq.com", &[]).is_err());
+        let sandbox = ["wechat-sandbox".to_owned()];
+        assert!(base_url("http://wechat-sandbox:8090", &sandbox).is_ok());
+        assert!(base_url("http://WeChat-Sandbox:8090", &sandbox).is_ok());
+        assert!(base_url("http://wechat-sandbox.evil.example:8090", &sandbox).is_err());
+        assert!(base_url("http://api.mch.weixin.qq.com", &sandbox).is_err());
+        assert!(insecure_http_hosts(&sandbox).is_ok());
+        assert!(insecure_http_hosts(&["http://wechat-sandbox".to_owned()]).is_err());
+        assert!(insecure_http_hosts(&["wechat-sandbox:8090".to_owned()]).is_err());
+        assert!(insecure_http_hosts(&[String::new()]).is_err());
     }
 }
