@@ -538,7 +538,7 @@ def check_overlay(name: str, docs: list[dict], roles: list[list[str]], monitors:
     if not BIN.exists():
         warn(f"{BIN} not found: the {name} configuration was NOT checked by `paystream config` (build it first)")
         return
-    checked = 0
+    checked = secrets_checked = 0
     for w in workloads:
         spec = pod_template(w)["spec"]
         for c in spec.get("containers") or []:
@@ -550,7 +550,20 @@ def check_overlay(name: str, docs: list[dict], roles: list[list[str]], monitors:
                 fail(f"{name} {ident(w)}", f"`paystream config` refuses the configuration with this role's "
                                            f"environment: {out}")
             checked += 1
-    ok(f"{name}: `paystream config` accepts paystream.toml with the environment of each of {checked} workloads")
+            # Least privilege: every Secret the role is given (optional rotation keys aside) is one it needs, i.e.
+            # the binary refuses the configuration without it.
+            for e in c.get("env") or []:
+                ref = (e.get("valueFrom") or {}).get("secretKeyRef")
+                if not ref or ref.get("optional"):
+                    continue
+                without = {k: v for k, v in env.items() if k != e["name"]}
+                needed, _ = run_config(f"{name} {ident(w)}", toml_text, without, role_args(c)[:2])
+                if needed:
+                    fail(f"{name} {ident(w)}", f"is given Secret {ref.get('name')} key {ref.get('key')} "
+                                               f"({e['name']}) which its role does not need")
+                secrets_checked += 1
+    ok(f"{name}: `paystream config` accepts paystream.toml with the environment of each of {checked} workloads, "
+       f"and each of their {secrets_checked} Secret references is needed")
 
 
 def path_matches(path: str, ptype: str, request: str) -> bool:

@@ -64,6 +64,10 @@ CASES = [
     ("a Secret object shipped", "prod", "a Secret object", False,
      lambda d: d.append({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "leak"},
                          "stringData": {"jwt_secret": "x"}})),
+    ("the payment processor given the APIv3 key it does not use", "prod", "which its role does not need", True,
+     lambda d: main_container(d, "paystream-processor-payment")["env"].append(
+         {"name": "PAYSTREAM__WECHAT__APIV3_KEY",
+          "valueFrom": {"secretKeyRef": {"name": "paystream-wechat", "key": "apiv3_key"}}})),
     ("a literal secret in env", "prod", "has a literal value", False,
      lambda d: main_container(d, "paystream-relay")["env"].append(
          {"name": "PAYSTREAM__HTTP__JWT_SECRET", "value": "x" * 40})),

@@ -96,6 +96,10 @@ const STRING_KEYS: &[&str] = &[
     "sms.sdk_app_id",
 ];
 
+/// The secrets of a section that not every role using the section needs: optional in the types, left out by
+/// [`Config::load_for`] for the roles that do not use them and required for the others.
+pub const ROLE_SECRETS: &[&str] = &["wechat.apiv3_key", "wechat.miniprogram_secret"];
+
 /// `PAYSTREAM__SECTION__KEY` → `section.key`.
 fn env() -> Env {
     Env::prefixed("PAYSTREAM__").split("__")
@@ -123,7 +127,7 @@ fn strings_from_env(mut figment: Figment, unused: &[&str]) -> Result<Figment, Co
     let mut seen: Vec<(&str, String)> = Vec::new();
     for (env_key, raw) in env().iter() {
         let Some((key, from_file)) = string_key(env_key.as_str()) else { continue };
-        if unused.iter().any(|section| key.split('.').next() == Some(*section)) {
+        if unused.iter().any(|u| *u == key || key.split('.').next() == Some(*u)) {
             continue;
         }
         let var = format!("PAYSTREAM__{}", env_key.as_str().to_ascii_uppercase().replace('.', "__"));
@@ -159,12 +163,14 @@ impl Config {
     /// Loads from a TOML string alone (no environment), for tests.
     #[cfg(test)]
     pub fn from_toml(toml: &str) -> Result<Config, ConfigError> {
-        Self::from_figment(Figment::new().merge(Toml::string(toml)))
+        Self::from_figment(Figment::new().merge(Toml::string(toml)), &[])
     }
 
-    /// As [`Config::load`] for a role that does not use the sections named in `unused` (`http`, `wechat`, `sms`,
-    /// `notifier`): they are left out before parsing, so the role neither needs nor holds their secrets (the relay
-    /// has no JWT key, the ingress no SMS key) even when one shared `paystream.toml` has every section.
+    /// As [`Config::load`] for a role that does not use the sections or keys named in `unused` (a section: `http`,
+    /// `wechat`, `sms`, `notifier`; a key: [`ROLE_SECRETS`]): they are left out before parsing, so the role neither
+    /// needs nor holds their secrets (the relay has no JWT key, the ingress no SMS key, the payment processor no
+    /// APIv3 key) even when one shared `paystream.toml` has every section. The [`ROLE_SECRETS`] not left out are
+    /// required.
     pub fn load_for(path: Option<&Path>, unused: &[&str]) -> Result<Config, ConfigError> {
         let mut figment = Figment::new();
         if let Some(p) = path {
@@ -177,18 +183,40 @@ impl Config {
         let figment = strings_from_env(figment, unused)?;
         if unused.is_empty() {
             // Straight from the sources: figment's errors then also say which file or variable a value came from.
-            return Self::from_figment(figment);
+            return Self::from_figment(figment, unused);
         }
         let mut all: figment::value::Dict = figment.extract().map_err(parse_error)?;
-        for section in unused {
-            all.remove(*section);
+        for entry in unused {
+            match entry.split_once('.') {
+                None => {
+                    all.remove(*entry);
+                }
+                Some((section, key)) => {
+                    if let Some(figment::value::Value::Dict(_, dict)) = all.get_mut(section) {
+                        dict.remove(key);
+                    }
+                }
+            }
         }
-        Self::from_figment(Figment::from(figment::providers::Serialized::defaults(all)))
+        Self::from_figment(Figment::from(figment::providers::Serialized::defaults(all)), unused)
     }
 
-    fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
+    fn from_figment(figment: Figment, unused: &[&str]) -> Result<Config, ConfigError> {
         let cfg: Config = figment.extract().map_err(parse_error)?;
         cfg.validate()?;
+        let missing: Vec<&str> = ROLE_SECRETS
+            .iter()
+            .copied()
+            .filter(|key| !unused.contains(key))
+            .filter(|key| match (*key, &cfg.wechat) {
+                ("wechat.apiv3_key", Some(w)) => w.apiv3_key.is_none(),
+                ("wechat.miniprogram_secret", Some(w)) => w.miniprogram_secret.is_none(),
+                _ => false,
+            })
+            .collect();
+        if !missing.is_empty() {
+            return Err(ConfigError::Invalid(format!("missing secret: {} (this role needs it)", missing.join(", "))));
+        }
         Ok(cfg)
     }
 
@@ -361,6 +389,37 @@ mod tests {
             // A role without [http] does not read the ingress's secret file.
             let relay = Config::load_for(path, &["http", "wechat", "sms", "notifier"]).map_err(|e| e.to_string())?;
             assert!(relay.http.is_none());
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail fixes the closure's error type
+    fn a_role_holds_only_the_wechat_secrets_it_uses() {
+        figment::Jail::expect_with(|jail| {
+            let example = include_str!("../../paystream.example.toml");
+            jail.create_file("paystream.toml", example)?;
+            let path = Some(Path::new("paystream.toml"));
+            let payment = ["http", "sms", "notifier", "wechat.apiv3_key", "wechat.miniprogram_secret"];
+            let cfg = Config::load_for(path, &payment).map_err(|e| e.to_string())?;
+            let w = cfg.wechat.as_ref().unwrap();
+            assert!(w.apiv3_key.is_none() && w.miniprogram_secret.is_none(), "given in the file, yet not held");
+            assert_eq!(w.mchid, "1900000001");
+            // The environment's copy is not read either.
+            jail.set_env("PAYSTREAM__WECHAT__APIV3_KEY_FILE", "/nonexistent/apiv3_key");
+            Config::load_for(path, &payment).map_err(|e| e.to_string())?;
+            jail.clear_env();
+            // Without the APIv3 key in the file: fine for the notifier, refused by name for the roles that need it.
+            let without = example.replace("apiv3_key = \"set-me-in-the-environment-32byte\"\n", "");
+            assert_ne!(without, example);
+            jail.create_file("paystream.toml", &without)?;
+            Config::load_for(path, &["http", "wechat.apiv3_key"]).map_err(|e| e.to_string())?;
+            let e = Config::load(path).unwrap_err().to_string();
+            assert!(e.contains("missing secret: wechat.apiv3_key"), "{e}");
+            let e = Config::load_for(path, &["http", "sms", "notifier", "wechat.miniprogram_secret"])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("wechat.apiv3_key"), "the lifecycle processor needs it: {e}");
             Ok(())
         });
     }

@@ -84,15 +84,19 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// The configuration sections a role does not read (given as its command words, e.g. `processor order`).
+/// The configuration sections and secrets a role does not read (given as its command words, e.g.
+/// `processor order`). The payment processor checks reports against the app and merchant ids and holds no WeChat
+/// secret; the notifier calls the mini-program API only (no APIv3 key); the lifecycle processor calls WeChat Pay
+/// only (no AppSecret).
 fn unused_sections(role: &[&str]) -> anyhow::Result<&'static [&'static str]> {
     const NONE: &[&str] = &["http", "wechat", "sms", "notifier"];
     Ok(match role {
         [] | ["all"] => &[],
         ["ingress"] => &["sms", "notifier"],
-        ["notifier"] => &["http"],
+        ["notifier"] => &["http", "wechat.apiv3_key"],
         ["relay"] | ["migrate"] | ["processor", "order"] => NONE,
-        ["processor", "payment" | "lifecycle"] => &["http", "sms", "notifier"],
+        ["processor", "payment"] => &["http", "sms", "notifier", "wechat.apiv3_key", "wechat.miniprogram_secret"],
+        ["processor", "lifecycle"] => &["http", "sms", "notifier", "wechat.miniprogram_secret"],
         other => anyhow::bail!(
             "unknown role {:?}: all, ingress, notifier, relay, migrate, processor payment|order|lifecycle",
             other.join(" ")
@@ -114,8 +118,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Notifier => unused_sections(&["notifier"])?,
         Command::Relay => unused_sections(&["relay"])?,
         Command::Migrate => unused_sections(&["migrate"])?,
+        Command::Processor { name: roles::Processor::Payment } => unused_sections(&["processor", "payment"])?,
         Command::Processor { name: roles::Processor::Order } => unused_sections(&["processor", "order"])?,
-        Command::Processor { .. } => unused_sections(&["processor", "payment"])?,
+        Command::Processor { name: roles::Processor::Lifecycle } => unused_sections(&["processor", "lifecycle"])?,
         Command::Config { role } => unused_sections(&role.iter().map(String::as_str).collect::<Vec<_>>())?,
         _ => &[],
     };

@@ -61,8 +61,10 @@ pub struct WechatConfig {
     pub merchant_serial_no: String,
     /// PKCS#8 PEM of the merchant API key (apiclient_key.pem).
     pub merchant_private_key_path: PathBuf,
-    /// The APIv3 key: 32 ASCII bytes, decrypts callbacks and certificates.
-    pub apiv3_key: SecretString,
+    /// The APIv3 key: 32 ASCII bytes, decrypts callbacks and certificates. Needed by the roles that build a
+    /// [`crate::PayClient`]; a role that does not is not given it (paystream's role table says which).
+    #[serde(default)]
+    pub apiv3_key: Option<SecretString>,
     /// `PUB_KEY_ID_…` of WeChat Pay's public key (public-key mode).
     #[serde(default)]
     pub platform_public_key_id: Option<String>,
@@ -84,8 +86,9 @@ pub struct WechatConfig {
     pub pay_base_url: String,
     #[serde(default = "default_miniprogram_base_url")]
     pub miniprogram_base_url: String,
-    /// The mini-program's AppSecret.
-    pub miniprogram_secret: SecretString,
+    /// The mini-program's AppSecret. Needed by the roles that build a [`crate::MiniProgramClient`].
+    #[serde(default)]
+    pub miniprogram_secret: Option<SecretString>,
     #[serde(default = "default_timeout_ms")]
     pub request_timeout_ms: u64,
     /// Lets `notify_url` and base URLs be plain http on loopback (development and tests only).
@@ -113,8 +116,11 @@ impl WechatConfig {
         if self.merchant_private_key_path.as_os_str().is_empty() {
             return err("merchant_private_key_path", "must not be empty");
         }
-        if self.apiv3_key.expose_secret().len() != 32 {
+        if self.apiv3_key.as_ref().is_some_and(|k| k.expose_secret().len() != 32) {
             return err("apiv3_key", "must be 32 bytes");
+        }
+        if self.miniprogram_secret.as_ref().is_some_and(|k| k.expose_secret().is_empty()) {
+            return err("miniprogram_secret", "must not be empty");
         }
         match (&self.platform_public_key_id, &self.platform_public_key_path) {
             (Some(id), Some(_)) if !id.starts_with("PUB_KEY_ID_") => {
@@ -158,10 +164,19 @@ impl WechatConfig {
     /// The APIv3 key as the 32 bytes AES-256 takes (after `validate`).
     pub fn apiv3_key_bytes(&self) -> Result<[u8; 32], ConfigError> {
         self.apiv3_key
+            .as_ref()
+            .ok_or_else(|| ConfigError::new("wechat.apiv3_key", "is missing (WeChat Pay calls need it)"))?
             .expose_secret()
             .as_bytes()
             .try_into()
             .map_err(|_| ConfigError::new("wechat.apiv3_key", "must be 32 bytes"))
+    }
+
+    /// The AppSecret (after `validate`).
+    pub fn miniprogram_secret(&self) -> Result<&SecretString, ConfigError> {
+        self.miniprogram_secret
+            .as_ref()
+            .ok_or_else(|| ConfigError::new("wechat.miniprogram_secret", "is missing (mini-program calls need it)"))
     }
 }
 

@@ -141,7 +141,7 @@ fn wechat_config_defaults_and_secret_masking() {
     assert!(!c.allow_insecure_loopback && !c.platform_certificates);
     let debug = format!("{c:?}");
     assert!(!debug.contains("0123456789abcdef") && !debug.contains("mp-secret-value"), "{debug}");
-    assert_eq!(c.miniprogram_secret.expose_secret(), "mp-secret-value");
+    assert_eq!(c.miniprogram_secret().unwrap().expose_secret(), "mp-secret-value");
     wechat::PayClient::from_config(&c).unwrap();
     wechat::MiniProgramClient::from_config(&c).unwrap();
 }
@@ -198,6 +198,21 @@ fn wechat_config_errors_name_the_key() {
     ))
     .unwrap_err();
     assert_eq!(e.key, "wechat.merchant_private_key_path");
+}
+
+#[test]
+fn a_role_without_a_secret_is_refused_only_the_client_that_needs_it() {
+    // The payment processor is given neither secret, the notifier no APIv3 key.
+    let ids_only = wechat_config(serde_json::json!({"apiv3_key": null, "miniprogram_secret": null}));
+    ids_only.validate().unwrap();
+    let e = wechat::PayClient::from_config(&ids_only).unwrap_err();
+    assert_eq!(e.key, "wechat.apiv3_key");
+    let e = wechat::MiniProgramClient::from_config(&ids_only).unwrap_err();
+    assert_eq!(e.key, "wechat.miniprogram_secret");
+    let notifier = wechat_config(serde_json::json!({"apiv3_key": null}));
+    wechat::MiniProgramClient::from_config(&notifier).unwrap();
+    let e = wechat_config(serde_json::json!({"miniprogram_secret": ""})).validate().unwrap_err();
+    assert_eq!(e.key, "wechat.miniprogram_secret");
 }
 
 #[test]

@@ -273,7 +273,7 @@ impl MiniProgramClient {
         cfg.validate()?;
         Self::new(MiniSettings {
             appid: cfg.appid.clone(),
-            secret: cfg.miniprogram_secret.clone(),
+            secret: cfg.miniprogram_secret()?.clone(),
             base_url: cfg.miniprogram_base_url.clone(),
             timeout: Duration::from_millis(cfg.request_timeout_ms),
         })
