@@ -1,7 +1,9 @@
 //! The `[nats]`, `[consumer]` and `[outbox]` sections of `paystream.toml`.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
+use secrecy::SecretString;
 use serde::Deserialize;
 
 /// `[nats]`: where JetStream is and how streams are made.
@@ -26,6 +28,18 @@ pub struct NatsConfig {
     /// Timeout of JetStream API calls and PubAcks.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// User and password, when the server's `authorization`/`accounts` say so. `password` is secret.
+    pub user: Option<String>,
+    pub password: Option<SecretString>,
+    /// A token, when the server's `authorization { token }` says so. Secret.
+    pub token: Option<SecretString>,
+    /// PEM of the CA that signed the servers' certificates (a private CA; public ones are trusted already).
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM) when the server verifies clients (`tls { verify: true }`).
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// Refuse to talk to a server without TLS (`tls://` URLs imply it).
+    pub require_tls: bool,
 }
 
 impl Default for NatsConfig {
@@ -39,6 +53,13 @@ impl Default for NatsConfig {
             dlq_max_age: Duration::ZERO,
             // Under the callback's 4 s budget: WeChat must get an answer within 5 s, and a FAIL lets it retry.
             request_timeout: Duration::from_secs(3),
+            user: None,
+            password: None,
+            token: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            require_tls: false,
         }
     }
 }
@@ -64,6 +85,15 @@ impl NatsConfig {
         }
         if self.duplicate_window.is_zero() || self.duplicate_window > self.max_age {
             return Err("nats.duplicate_window must be positive and no longer than nats.max_age".into());
+        }
+        if self.user.is_some() != self.password.is_some() {
+            return Err("nats.user and nats.password go together".into());
+        }
+        if self.user.is_some() && self.token.is_some() {
+            return Err("nats: set user/password or token, not both".into());
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return Err("nats.tls_cert_file and nats.tls_key_file go together".into());
         }
         Ok(())
     }

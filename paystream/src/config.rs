@@ -85,6 +85,8 @@ fn parse_error(e: figment::Error) -> ConfigError {
 /// may be all digits (a merchant id read as TOML is a number, and refused).
 const STRING_KEYS: &[&str] = &[
     "database.url",
+    "nats.password",
+    "nats.token",
     "http.jwt_secret",
     "wechat.apiv3_key",
     "wechat.miniprogram_secret",

@@ -114,13 +114,32 @@ fn free_port() -> u16 {
 pub struct NatsServer {
     pub port: u16,
     store: PathBuf,
+    /// Extra nats-server configuration (`authorization`, `tls`, …), when started with [`NatsServer::start_with`].
+    config: Option<PathBuf>,
     child: Option<Child>,
 }
 
 impl NatsServer {
     pub async fn start() -> NatsServer {
         let store = std::env::temp_dir().join(unique("paystream-nats-"));
-        let mut server = NatsServer { port: free_port(), store, child: None };
+        let mut server = NatsServer { port: free_port(), store, config: None, child: None };
+        server.restart().await;
+        server
+    }
+
+    /// Starts a server whose configuration file also holds `extra` (nats-server's configuration syntax), for
+    /// tests of authentication and TLS.
+    pub async fn start_with(extra: &str) -> NatsServer {
+        let store = std::env::temp_dir().join(unique("paystream-nats-"));
+        std::fs::create_dir_all(&store).expect("nats store dir");
+        let port = free_port();
+        let config = store.join("nats.conf");
+        let text = format!(
+            "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: \"{}\" }}\n{extra}\n",
+            store.join("js").display()
+        );
+        std::fs::write(&config, text).expect("nats config");
+        let mut server = NatsServer { port, store, config: Some(config), child: None };
         server.restart().await;
         server
     }
@@ -132,13 +151,12 @@ impl NatsServer {
     /// Starts the server again on the same port and store (JetStream data survives a stop).
     pub async fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
-        let child = Command::new(setting("NATS_SERVER_BIN"))
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
-            .arg(&self.store)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn NATS_SERVER_BIN");
+        let mut cmd = Command::new(setting("NATS_SERVER_BIN"));
+        match &self.config {
+            Some(config) => cmd.arg("-c").arg(config),
+            None => cmd.args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"]).arg(&self.store),
+        };
+        let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn NATS_SERVER_BIN");
         self.child = Some(child);
         let port = self.port;
         eventually(Duration::from_secs(10), "private nats-server to accept connections", || async move {
@@ -246,6 +264,73 @@ impl Drop for NatsCluster {
         for i in 0..self.nodes.len() {
             self.kill(i);
         }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A private certificate authority of a test, with a server certificate for `localhost` and `127.0.0.1` and a client
+/// certificate, written as PEM files into a directory of its own (removed on drop): for tests of TLS to NATS and
+/// PostgreSQL.
+pub struct TestCa {
+    pub dir: PathBuf,
+}
+
+impl TestCa {
+    /// Files: `ca.pem`, `server.pem`, `server.key`, `client.pem`, `client.key` (keys mode 0600).
+    pub fn new() -> TestCa {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+        let dir = std::env::temp_dir().join(unique("paystream-ca-"));
+        std::fs::create_dir_all(&dir).expect("ca dir");
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name.push(DnType::CommonName, "paystream test CA");
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::CrlSign];
+        let ca_key = KeyPair::generate().expect("ca key");
+        let ca_cert = ca.self_signed(&ca_key).expect("ca certificate");
+        let issuer = Issuer::new(ca, ca_key);
+        let write = |name: &str, text: String| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).expect("write pem");
+            if name.ends_with(".key") {
+                use std::os::unix::fs::PermissionsExt as _;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod key");
+            }
+        };
+        write("ca.pem", ca_cert.pem());
+        for (name, sans, eku) in [
+            (
+                "server",
+                vec!["localhost".to_owned(), "127.0.0.1".to_owned()],
+                rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            ),
+            ("client", vec!["paystream".to_owned()], rcgen::ExtendedKeyUsagePurpose::ClientAuth),
+        ] {
+            let mut params = CertificateParams::new(sans).expect("leaf params");
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.use_authority_key_identifier_extension = true;
+            params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+            params.extended_key_usages = vec![eku];
+            let key = KeyPair::generate().expect("leaf key");
+            let cert = params.signed_by(&key, &issuer).expect("leaf certificate");
+            write(&format!("{name}.pem"), cert.pem());
+            write(&format!("{name}.key"), key.serialize_pem());
+        }
+        TestCa { dir }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+impl Default for TestCa {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TestCa {
+    fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
