@@ -693,12 +693,27 @@ def check_nats_values(path: Path) -> None:
     for what, good in want:
         if not good:
             fail(where, f"NATS chart values: {what} expected")
+    # Clients authenticate, and no password is written into the values: each user's password is an environment
+    # variable of the server (`<< $VAR >>`) filled from a Secret.
+    users = (((cfg.get("merge") or {}).get("authorization") or {}).get("users")) or []
+    env = (v.get("container") or {}).get("env") or {}
+    if not users:
+        fail(where, "NATS chart values: config.merge.authorization.users expected (clients must authenticate)")
+    for u in users:
+        m = re.fullmatch(r"<< \$(\w+) >>", str(u.get("password", "")))
+        if not m:
+            fail(where, f"NATS user {u.get('user')!r}: the password must be `<< $VAR >>` (from a Secret), "
+                        "never written in the values")
+        elif not ((env.get(m.group(1)) or {}) if isinstance(env.get(m.group(1)), dict) else {}).get(
+                "valueFrom", {}).get("secretKeyRef"):
+            fail(where, f"NATS user {u.get('user')!r}: container.env.{m.group(1)} must come from a secretKeyRef")
     grace = (((v.get("podTemplate") or {}).get("merge") or {}).get("spec") or {}).get("terminationGracePeriodSeconds")
     lame = duration_seconds(str((cfg.get("merge") or {}).get("lame_duck_duration", "30s"))) + duration_seconds(
         str((cfg.get("merge") or {}).get("lame_duck_grace_period", "10s")))
     if not grace or grace <= lame:
         fail(where, f"terminationGracePeriodSeconds ({grace}) must exceed lame-duck grace + duration ({lame:g}s)")
-    ok(f"{where}: NATS chart values (cluster of 3, JetStream on PVCs, exporter + PodMonitor, PDB, lame duck)")
+    ok(f"{where}: NATS chart values (cluster of 3, JetStream on PVCs, exporter + PodMonitor, PDB, lame duck, "
+       "password auth from a Secret)")
 
 
 def check_dashboards(docs: list[dict]) -> None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Seeded faults that scripts/k8s_promises.py must catch: each case breaks one promise in a copy of the rendered
-manifests (.run/k8s/{dev,prod,observability}.yaml, written by scripts/check-k8s.sh) and expects the checker to exit
-non-zero with a message naming the fault. Run by scripts/check-k8s.sh after the real check passed:
+manifests (.run/k8s/{dev,prod,observability}.yaml, written by scripts/check-k8s.sh) or of k8s/nats/values.yaml and
+expects the checker to exit non-zero with a message naming the fault. Run by scripts/check-k8s.sh after the real check passed:
 
     python3 k8s/tests/test_promises.py .run/k8s
 """
@@ -46,8 +46,17 @@ def drop_env(docs, name, var):
     c["env"] = [e for e in c["env"] if e["name"] != var]
 
 
-# (description, overlay to break: dev | prod | observability, expected words in a FAIL line, needs the binary, edit)
+# (description, what to break: dev | prod | observability | nats (the chart values), expected words in a FAIL line,
+# needs the binary, edit)
 CASES = [
+    ("NATS without client authentication", "nats", "authorization.users expected", False,
+     lambda v: v["config"]["merge"].pop("authorization")),
+    ("a NATS password written in the values", "nats", "never written in the values", False,
+     lambda v: v["config"]["merge"]["authorization"]["users"][0].__setitem__("password", "hunter2")),
+    ("the NATS password variable not from a Secret", "nats", "must come from a secretKeyRef", False,
+     lambda v: v["container"]["env"].__setitem__("PAYSTREAM_NATS_PASSWORD", "hunter2")),
+    ("a role without the NATS password", "prod", "`paystream config` refuses", True,
+     lambda d: drop_env(d, "paystream-relay", "PAYSTREAM__NATS__PASSWORD")),
     ("a writable root filesystem", "prod", "readOnlyRootFilesystem", False,
      lambda d: main_container(d, "paystream-relay")["securityContext"].pop("readOnlyRootFilesystem")),
     ("a container that may run as root", "prod", "runAsNonRoot", False,
@@ -140,6 +149,7 @@ def main():
     global DEV
     rendered = Path(sys.argv[1] if len(sys.argv) > 1 else ROOT / ".run/k8s")
     base = {name: load(rendered / f"{name}.yaml") for name in ("dev", "prod", "observability")}
+    base["nats"] = yaml.load((ROOT / "k8s/nats/values.yaml").read_text(), Loader=Loader)
     DEV = base["dev"]
     have_binary = Path(os.environ.get("PAYSTREAM_BIN", ROOT / "target/debug/paystream")).exists()
     missed = skipped = 0
@@ -153,8 +163,13 @@ def main():
             edit(docs[target])
             paths = []
             for name, content in docs.items():
-                p = Path(tmp) / f"{name}.yaml"
-                p.write_text(yaml.dump_all(content, Dumper=Dumper))
+                if name == "nats":  # the checker knows the chart values by their path: nats/values.yaml
+                    p = Path(tmp) / "nats" / "values.yaml"
+                    p.parent.mkdir(exist_ok=True)
+                    p.write_text(yaml.dump(content, Dumper=Dumper))
+                else:
+                    p = Path(tmp) / f"{name}.yaml"
+                    p.write_text(yaml.dump_all(content, Dumper=Dumper))
                 paths.append(str(p))
             env = dict(os.environ)
             if not needs_binary:

@@ -94,7 +94,9 @@ fn unused_sections(role: &[&str]) -> anyhow::Result<&'static [&'static str]> {
         [] | ["all"] => &[],
         ["ingress"] => &["sms", "notifier"],
         ["notifier"] => &["http", "wechat.apiv3_key"],
-        ["relay"] | ["migrate"] | ["processor", "order"] => NONE,
+        ["relay"] | ["processor", "order"] => NONE,
+        // Migrations touch PostgreSQL only: no NATS password either.
+        ["migrate"] => &["http", "wechat", "sms", "notifier", "nats"],
         ["processor", "payment"] => &["http", "sms", "notifier", "wechat.apiv3_key", "wechat.miniprogram_secret"],
         ["processor", "lifecycle"] => &["http", "sms", "notifier", "wechat.miniprogram_secret"],
         other => anyhow::bail!(
