@@ -117,15 +117,18 @@ up() {
       --target "$run/tools" cryptography || die "pip install cryptography failed"
     pythonpath="$run/tools"
   fi
-  local nats pg bin app
+  local nats pg bin app pgbin
   bin=$(nats_bin)
   nats=$(nats_up)
   pg=$(pg_up)
   app=$(app_db "$pg")
+  # The PostgreSQL programs even when DATABASE_URL names a server: the TLS test starts a private one of its own.
+  pgbin=$(pg_bindir)
   cat > "$run/infra.env" <<ENV
 NATS_URL=$nats
 DATABASE_URL=$pg
 NATS_SERVER_BIN=$bin
+PG_BIN=$pgbin
 PAYSTREAM__DATABASE__URL=$app
 PAYSTREAM__NATS__URL=$nats
 SANDBOX_REQUIRE_PYTHON=1

@@ -12,7 +12,6 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use diesel_async::AsyncConnection;
 use futures::StreamExt;
-use secrecy::{ExposeSecret, SecretString};
 use storage::{Conn, PgPool, StorageError, outbox as table};
 use tokio_util::sync::CancellationToken;
 
@@ -47,14 +46,15 @@ pub async fn enqueue<E: Event>(conn: &mut Conn, env: &Envelope<E>) -> Result<(),
 /// order (see [`storage::outbox::claim_batch`]).
 pub struct Relay {
     pool: PgPool,
-    db_url: SecretString,
+    /// For the LISTEN connection (outside the pool, with the pool's TLS).
+    db: storage::DbConfig,
     publisher: Publisher,
     cfg: OutboxConfig,
 }
 
 impl Relay {
-    pub fn new(pool: PgPool, db_url: SecretString, publisher: Publisher, cfg: OutboxConfig) -> Self {
-        Relay { pool, db_url, publisher, cfg }
+    pub fn new(pool: PgPool, db: storage::DbConfig, publisher: Publisher, cfg: OutboxConfig) -> Self {
+        Relay { pool, db, publisher, cfg }
     }
 
     /// Publishes one batch: claim, publish with pipelined PubAcks, delete, commit. Returns the rows published.
@@ -121,7 +121,7 @@ impl Relay {
     /// the rows wait in the outbox.
     pub async fn run(self, shutdown: CancellationToken) {
         let (wake_tx, mut wake_rx) = tokio::sync::mpsc::channel::<()>(1);
-        let listener = tokio::spawn(listen(self.db_url.clone(), wake_tx, shutdown.clone()));
+        let listener = tokio::spawn(listen(self.db.clone(), wake_tx, shutdown.clone()));
         let mut failures = 0u32;
         let mut last_stats = Instant::now() - Duration::from_secs(60);
         loop {
@@ -177,11 +177,11 @@ fn json_headers(v: &serde_json::Value) -> HeaderMap {
 
 /// Holds a dedicated connection with `LISTEN` and forwards every notification as a wake-up. Reconnects with a
 /// pause when the connection drops; the relay's poll interval covers the gap.
-async fn listen(db_url: SecretString, wake: tokio::sync::mpsc::Sender<()>, shutdown: CancellationToken) {
+async fn listen(db: storage::DbConfig, wake: tokio::sync::mpsc::Sender<()>, shutdown: CancellationToken) {
     use diesel_async::RunQueryDsl;
     while !shutdown.is_cancelled() {
         let result: Result<(), StorageError> = async {
-            let mut conn = storage::connect(db_url.expose_secret()).await?;
+            let mut conn = storage::connect(&db).await?;
             diesel::sql_query(format!("LISTEN {}", table::NOTIFY_CHANNEL)).execute(&mut conn).await?;
             // Anything committed before LISTEN took effect sent its NOTIFY to nobody: drain once now.
             let _ = wake.try_send(());

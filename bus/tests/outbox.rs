@@ -7,12 +7,11 @@ use std::time::Duration;
 
 use bus::{Envelope, OutboxConfig, Relay, Subject, enqueue};
 use common::{Env, Job, Mode, job};
-use secrecy::SecretString;
 use storage::{AsyncConnection, RunQueryDsl, StorageError};
 use tokio_util::sync::CancellationToken;
 
 fn relay(env: &Env, cfg: OutboxConfig) -> Relay {
-    Relay::new(env.pool.clone(), SecretString::from(env.db.url.clone()), env.publisher.clone(), cfg)
+    Relay::new(env.pool.clone(), storage::DbConfig::new(&env.db.url), env.publisher.clone(), cfg)
 }
 
 async fn write(env: &Env, events: &[Envelope<Job>]) {
@@ -106,7 +105,7 @@ async fn a_relay_that_dies_after_the_puback_but_before_the_delete_duplicates_not
     write(&env, &events).await;
 
     // Make the relay's DELETE fail, as if the process died right after JetStream acknowledged the batch.
-    let mut conn = storage::connect(&env.db.url).await.unwrap();
+    let mut conn = storage::connect(&storage::DbConfig::new(&env.db.url)).await.unwrap();
     diesel::sql_query(
         "CREATE FUNCTION crash() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'relay crashed'; END $$",
     )

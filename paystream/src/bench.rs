@@ -8,7 +8,6 @@ use async_nats::jetstream::{self, AckKind, consumer::pull};
 use bus::{Consumer, ConsumerSpec, Delivery, Envelope, Event, Handled, Handler, HandlerError, Subject, Topology};
 use chrono::Utc;
 use futures::StreamExt;
-use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use storage::{AsyncConnection, StorageError, processed};
 use tokio_util::sync::CancellationToken;
@@ -79,7 +78,7 @@ pub(crate) fn figures(mut latencies: Vec<f64>, elapsed: Duration) -> Figures {
 }
 
 async fn bus_bench(cfg: &Config, events: usize, writers: usize) -> anyhow::Result<()> {
-    storage::migrate(cfg.database.url.expose_secret()).await?;
+    storage::migrate(&cfg.database).await?;
     let mut cfg = cfg.clone();
     cfg.nats.prefix = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let infra = Infra::connect(&cfg).await?;

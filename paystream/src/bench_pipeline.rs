@@ -11,7 +11,6 @@ use anyhow::{Context, bail};
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use futures::StreamExt;
-use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use storage::RunQueryDsl;
 
@@ -82,7 +81,7 @@ pub async fn run(cfg: &Config, users: usize, concurrency: usize, api: &str, sand
             .build()?,
         api: api.trim_end_matches('/').to_owned(),
     });
-    let mut conn = storage::connect(cfg.database.url.expose_secret()).await?;
+    let mut conn = storage::connect(&cfg.database).await?;
     let homestay: i64 = {
         use storage::schema::homestay as h;
         h::table

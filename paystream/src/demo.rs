@@ -63,9 +63,8 @@ pub async fn run(cfg: &Config, args: DemoArgs) -> anyhow::Result<()> {
     // A listed homestay to book (the mini-program would show a list; the demo picks the first listed one).
     let homestay = {
         use diesel::prelude::*;
-        use secrecy::ExposeSecret;
         use storage::{RunQueryDsl, schema::homestay as h};
-        let mut conn = storage::connect(cfg.database.url.expose_secret()).await?;
+        let mut conn = storage::connect(&cfg.database).await?;
         h::table
             .filter(h::row_state.eq(1))
             .order(h::id)

@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
 use crate::{admin, config::Config};
@@ -47,7 +46,7 @@ impl Infra {
     }
 
     pub fn relay(&self, cfg: &Config) -> bus::Relay {
-        bus::Relay::new(self.pool.clone(), cfg.database.url.clone(), self.publisher.clone(), cfg.outbox.clone())
+        bus::Relay::new(self.pool.clone(), cfg.database.clone(), self.publisher.clone(), cfg.outbox.clone())
     }
 }
 
@@ -131,7 +130,7 @@ pub async fn notifier(cfg: &Config, shutdown: CancellationToken) -> anyhow::Resu
 
 /// `paystream migrate`.
 pub async fn migrate(cfg: &Config) -> anyhow::Result<()> {
-    let applied = storage::migrate(cfg.database.url.expose_secret()).await?;
+    let applied = storage::migrate(&cfg.database).await?;
     tracing::info!(applied, "migrations up to date");
     println!("migrations up to date ({applied} applied now)");
     Ok(())
@@ -263,7 +262,7 @@ pub async fn processor(which: Processor, cfg: &Config, shutdown: CancellationTok
 /// relay, the processors (payment, order, lifecycle), the ingress (when `[http]` is configured), the notifier (when `[notifier]` is) and the
 /// admin endpoints.
 pub async fn all(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    storage::migrate(cfg.database.url.expose_secret()).await?;
+    storage::migrate(&cfg.database).await?;
     let infra = Infra::connect(cfg).await?;
     processors::register_metrics();
     // Bind the API before the admin port, so that `/readyz` answering means the API accepts connections too.

@@ -61,7 +61,7 @@ async fn a_nats_node_killed_during_1000_payments_loses_and_duplicates_nothing() 
     let count = |sql: &'static str| {
         let url = sys.db.url.clone();
         async move {
-            let mut conn = storage::connect(&url).await.ok()?;
+            let mut conn = storage::connect(&storage::DbConfig::new(&url)).await.ok()?;
             storage::RunQueryDsl::get_result::<N>(diesel::sql_query(sql), &mut conn).await.ok().map(|r| r.n)
         }
     };

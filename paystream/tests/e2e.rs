@@ -86,7 +86,7 @@ async fn a_callback_whose_amount_does_not_match_is_dead_lettered_and_the_order_s
     let alice = sys.login("alice").await;
     let (order, payment) = sys.book_and_prepay(&alice).await;
     // The payment row disagrees with what WeChat will report (as after a bug or tampering).
-    let mut conn = storage::connect(&sys.db.url).await.unwrap();
+    let mut conn = storage::connect(&storage::DbConfig::new(&sys.db.url)).await.unwrap();
     storage::RunQueryDsl::execute(
         diesel::sql_query(format!("UPDATE third_payment SET pay_total = pay_total + 1 WHERE sn = '{payment}'")),
         &mut conn,
@@ -311,7 +311,7 @@ async fn each_payment_is_one_trace_from_callback_to_notification_and_logs_carry_
     let log = sys.log();
     let trace_id = &traces[0][0].trace_id;
     assert!(log.lines().any(|l| l.contains(trace_id.as_str()) && l.contains("consume")), "trace id in the log");
-    let mut conn = storage::connect(&sys.db.url).await.unwrap();
+    let mut conn = storage::connect(&storage::DbConfig::new(&sys.db.url)).await.unwrap();
     #[derive(diesel::QueryableByName)]
     struct Key {
         #[diesel(sql_type = diesel::sql_types::Text)]

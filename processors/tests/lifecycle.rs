@@ -51,7 +51,7 @@ impl Env {
     async fn new() -> Env {
         observability::init_for_tests();
         let db = TestDb::create().await;
-        storage::migrate(&db.url).await.unwrap();
+        storage::migrate(&storage::DbConfig::new(&db.url)).await.unwrap();
         let pool = storage::pool(&storage::DbConfig::new(&db.url)).unwrap();
         let js = jetstream::new(testkit::nats().await);
         let topology = Topology::new(&testkit::unique("t")).unwrap();
@@ -95,7 +95,7 @@ impl Env {
         };
         let relay = Relay::new(
             self.pool.clone(),
-            secrecy::SecretString::from(self.db.url.clone()),
+            storage::DbConfig::new(&self.db.url),
             self.publisher.clone(),
             OutboxConfig { poll_interval: Duration::from_millis(200), ..Default::default() },
         );
@@ -424,7 +424,7 @@ async fn concurrent_passes_close_an_order_once() {
 async fn the_due_orders_query_uses_the_deadline_index_with_100k_open_orders() {
     observability::init_for_tests();
     let db = TestDb::create().await;
-    storage::migrate(&db.url).await.unwrap();
+    storage::migrate(&storage::DbConfig::new(&db.url)).await.unwrap();
     let pool = storage::pool(&storage::DbConfig::new(&db.url)).unwrap();
     let mut pooled = pool.get().await.unwrap();
     let conn: &mut Conn = &mut pooled;

@@ -45,7 +45,7 @@ impl Env {
     async fn new() -> Env {
         observability::init_for_tests();
         let db = TestDb::create().await;
-        storage::migrate(&db.url).await.unwrap();
+        storage::migrate(&storage::DbConfig::new(&db.url)).await.unwrap();
         let pool = storage::pool(&storage::DbConfig::new(&db.url)).unwrap();
         let js = jetstream::new(testkit::nats().await);
         let topology = Topology::new(&testkit::unique("r")).unwrap();
@@ -82,7 +82,7 @@ impl Env {
         };
         let relay = Relay::new(
             self.pool.clone(),
-            secrecy::SecretString::from(self.db.url.clone()),
+            storage::DbConfig::new(&self.db.url),
             self.publisher.clone(),
             OutboxConfig { poll_interval: Duration::from_millis(200), ..Default::default() },
         );

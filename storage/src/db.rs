@@ -1,15 +1,19 @@
 //! Connection pool, migrations and the storage error type.
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
+use diesel::ConnectionError;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel_async::{
     AsyncConnection, AsyncMigrationHarness, AsyncPgConnection,
-    pooled_connection::{AsyncDieselConnectionManager, deadpool},
+    pooled_connection::{AsyncDieselConnectionManager, ManagerConfig, deadpool},
 };
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::domain::DomainError;
 
@@ -34,6 +38,25 @@ pub struct DbConfig {
     /// How long to wait for a free connection before failing the request.
     #[serde(default = "default_acquire_timeout", with = "humantime_serde")]
     pub acquire_timeout: Duration,
+    /// TLS to PostgreSQL.
+    #[serde(default)]
+    pub tls: DbTls,
+    /// PEM of the CA that signed the server's certificate (with `tls = "verify-full"`; CloudNativePG's
+    /// `<cluster>-ca` Secret, key `ca.crt`). Unset: the system's trusted roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+/// `database.tls`, named after libpq's `sslmode` values.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DbTls {
+    /// Plain TCP (one machine, or a cluster network guarded by network policies).
+    #[default]
+    Disable,
+    /// Encrypted, and the server's certificate must chain to `ca_file` (or the system's roots) and name the host of
+    /// `url`: a server without TLS, or one that cannot prove it is that host, is refused.
+    VerifyFull,
 }
 
 fn default_pool_size() -> usize {
@@ -49,6 +72,8 @@ impl DbConfig {
             url: SecretString::from(url.into()),
             pool_size: default_pool_size(),
             acquire_timeout: default_acquire_timeout(),
+            tls: DbTls::Disable,
+            ca_file: None,
         }
     }
 
@@ -59,6 +84,12 @@ impl DbConfig {
         }
         if self.pool_size == 0 {
             return Err("database.pool_size must be at least 1".into());
+        }
+        if self.ca_file.is_some() && self.tls == DbTls::Disable {
+            return Err("database.ca_file is set but database.tls is \"disable\": set tls = \"verify-full\"".into());
+        }
+        if url.contains("sslmode=") {
+            return Err("database.url: set TLS with database.tls, not sslmode in the URL".into());
         }
         Ok(())
     }
@@ -133,9 +164,85 @@ impl From<deadpool::PoolError> for StorageError {
 
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;
 
+/// How connections are made: plain, or TLS with the configured roots. Built once per pool.
+#[derive(Clone)]
+struct Connector {
+    tls: Option<MakeRustlsConnect>,
+}
+
+impl Connector {
+    fn new(cfg: &DbConfig) -> Result<Connector> {
+        let tls = match cfg.tls {
+            DbTls::Disable => None,
+            DbTls::VerifyFull => Some(MakeRustlsConnect::new(tls_config(cfg)?)),
+        };
+        Ok(Connector { tls })
+    }
+
+    async fn establish(&self, url: &str) -> diesel::ConnectionResult<AsyncPgConnection> {
+        let Some(tls) = &self.tls else { return AsyncPgConnection::establish(url).await };
+        // tokio-postgres keeps the cause (which certificate check failed) in the source chain, not in Display.
+        let bad = |e: tokio_postgres::Error| {
+            let mut msg = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                msg = format!("{msg}: {c}");
+                cause = c.source();
+            }
+            ConnectionError::BadConnection(msg)
+        };
+        let mut config: tokio_postgres::Config = url.parse().map_err(bad)?;
+        // TLS or nothing: libpq's default ("prefer") would fall back to plain text.
+        config.ssl_mode(tokio_postgres::config::SslMode::Require);
+        let (client, connection) = config.connect(tls.clone()).await.map_err(bad)?;
+        AsyncPgConnection::try_from_client_and_connection(client, connection).await
+    }
+}
+
+/// rustls with aws-lc-rs (the provider reqwest and async-nats use here), trusting `ca_file` or the system's roots.
+fn tls_config(cfg: &DbConfig) -> Result<rustls::ClientConfig> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+    let bad = |what: String| StorageError::Unavailable(format!("database TLS: {what}"));
+    let mut roots = rustls::RootCertStore::empty();
+    match &cfg.ca_file {
+        Some(path) => {
+            let certs: Vec<CertificateDer<'static>> =
+                CertificateDer::pem_file_iter(path)
+                    .and_then(|it| it.collect())
+                    .map_err(|e| bad(format!("database.ca_file {}: {e}", path.display())))?;
+            if certs.is_empty() {
+                return Err(bad(format!("database.ca_file {} holds no certificate", path.display())));
+            }
+            for cert in certs {
+                roots.add(cert).map_err(|e| bad(format!("database.ca_file {}: {e}", path.display())))?;
+            }
+        }
+        None => {
+            let native = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(native.certs);
+            if roots.is_empty() {
+                return Err(bad("no trusted roots on this system: set database.ca_file".into()));
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 /// Builds the pool. Connections are made lazily, so this succeeds even while Postgres is still starting.
 pub fn pool(cfg: &DbConfig) -> Result<PgPool> {
-    let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(cfg.url.expose_secret());
+    let connector = Connector::new(cfg)?;
+    let mut setup = ManagerConfig::default();
+    setup.custom_setup = Box::new(move |url| {
+        let connector = connector.clone();
+        let url = url.to_owned();
+        Box::pin(async move { connector.establish(&url).await })
+    });
+    let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(cfg.url.expose_secret(), setup);
     deadpool::Pool::builder(manager)
         .max_size(cfg.pool_size)
         .wait_timeout(Some(cfg.acquire_timeout))
@@ -145,15 +252,15 @@ pub fn pool(cfg: &DbConfig) -> Result<PgPool> {
         .map_err(|e| StorageError::Unavailable(e.to_string()))
 }
 
-/// One dedicated connection (LISTEN needs a connection of its own, outside the pool).
-pub async fn connect(url: &str) -> Result<AsyncPgConnection> {
-    AsyncPgConnection::establish(url).await.map_err(|e| StorageError::Unavailable(e.to_string()))
+/// One dedicated connection (LISTEN needs a connection of its own, outside the pool), with the pool's TLS.
+pub async fn connect(cfg: &DbConfig) -> Result<AsyncPgConnection> {
+    Connector::new(cfg)?.establish(cfg.url.expose_secret()).await.map_err(|e| StorageError::Unavailable(e.to_string()))
 }
 
 /// Applies the embedded migrations that are not applied yet; returns how many ran. Safe to run from several
 /// processes at once: diesel takes a lock on its bookkeeping table. Needs the multi-threaded tokio runtime.
-pub async fn migrate(url: &str) -> Result<usize> {
-    let conn = connect(url).await?;
+pub async fn migrate(cfg: &DbConfig) -> Result<usize> {
+    let conn = connect(cfg).await?;
     let mut harness = AsyncMigrationHarness::new(conn);
     let applied = tokio::task::block_in_place(|| harness.run_pending_migrations(MIGRATIONS).map(|v| v.len()))
         .map_err(|e| StorageError::Migration(e.to_string()))?;

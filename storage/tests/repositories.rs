@@ -10,8 +10,8 @@ use testkit::TestDb;
 
 async fn fresh() -> (TestDb, Conn) {
     let db = TestDb::create().await;
-    storage::migrate(&db.url).await.expect("migrations apply");
-    let conn = storage::connect(&db.url).await.unwrap();
+    storage::migrate(&storage::DbConfig::new(&db.url)).await.expect("migrations apply");
+    let conn = storage::connect(&storage::DbConfig::new(&db.url)).await.unwrap();
     (db, conn)
 }
 
@@ -87,7 +87,7 @@ fn paid(txid: &str) -> payments::PaidDetails {
 #[tokio::test(flavor = "multi_thread")]
 async fn migrations_are_idempotent_and_match_the_diesel_schema() {
     let (db, mut conn) = fresh().await;
-    assert_eq!(storage::migrate(&db.url).await.unwrap(), 0, "second run applies nothing");
+    assert_eq!(storage::migrate(&storage::DbConfig::new(&db.url)).await.unwrap(), 0, "second run applies nothing");
 
     // Every column diesel knows must exist in the migrated database: run each table's full select.
     use storage::schema::*;
@@ -196,7 +196,7 @@ async fn concurrent_successes_change_a_payment_once() {
     for _ in 0..8 {
         let (url, sn) = (db.url.clone(), sn.clone());
         tasks.push(tokio::spawn(async move {
-            let mut c = storage::connect(&url).await.unwrap();
+            let mut c = storage::connect(&storage::DbConfig::new(&url)).await.unwrap();
             payments::mark_paid(&mut c, &sn, &paid("4200000000000000000000000002")).await.unwrap()
         }));
     }

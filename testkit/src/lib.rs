@@ -49,7 +49,7 @@ pub struct TestDb {
 }
 
 impl TestDb {
-    /// Creates an empty database; the test runs the migrations it needs (`storage::migrate(&db.url)`).
+    /// Creates an empty database; the test runs the migrations it needs (`storage::migrate(&storage::DbConfig::new(&db.url))`).
     pub async fn create() -> TestDb {
         let admin_url = setting("DATABASE_URL");
         let name = unique("ps_test_");
@@ -333,4 +333,99 @@ impl Drop for TestCa {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A PostgreSQL server of the test's own that accepts only TLS connections over TCP (`hostssl`), with the server
+/// certificate of a [`TestCa`], for tests of `database.tls`. Programs from `PG_BIN` (`.run/infra.env`). Stopped and
+/// removed on drop.
+pub struct PgServer {
+    pub port: u16,
+    dir: PathBuf,
+    bin: PathBuf,
+}
+
+impl PgServer {
+    /// initdb, certificates, `pg_ctl start -w` (blocking: a second or two).
+    pub fn start_tls(ca: &TestCa) -> PgServer {
+        let bin = PathBuf::from(setting("PG_BIN"));
+        let dir = std::env::temp_dir().join(unique("paystream-pg-"));
+        let data = dir.join("data");
+        std::fs::create_dir_all(&dir).expect("pg dir");
+        chown_postgres(&dir);
+        run_ok(as_postgres(Command::new(bin.join("initdb")).arg("-D").arg(&data).args([
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "--no-locale",
+        ])));
+        for (from, to) in [("server.pem", "server.crt"), ("server.key", "server.key")] {
+            std::fs::copy(ca.path(from), data.join(to)).expect("copy the server certificate");
+            chown_postgres(&data.join(to));
+        }
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 0.0.0.0/0 reject\n",
+        )
+        .expect("pg_hba.conf");
+        let port = free_port();
+        let options = format!("-p {port} -k {} -c listen_addresses=127.0.0.1 -c ssl=on -c fsync=off", dir.display());
+        run_ok(as_postgres(
+            Command::new(bin.join("pg_ctl"))
+                .arg("-D")
+                .arg(&data)
+                .arg("-l")
+                .arg(dir.join("server.log"))
+                .args(["-w", "-t", "30", "-o", &options, "start"]),
+        ));
+        PgServer { port, dir, bin }
+    }
+
+    /// `postgres://postgres@localhost:PORT/postgres` (a name the server certificate carries).
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@localhost:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let data = self.dir.join("data");
+        let _ =
+            as_postgres(Command::new(self.bin.join("pg_ctl")).arg("-D").arg(&data).args(["-m", "immediate", "stop"]))
+                .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Whether this process runs as root (from `/proc/self/status`: no libc call needed).
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(false)
+}
+
+/// PostgreSQL refuses to run as root: as root, its programs run as `postgres`, which must own their files.
+fn as_postgres(cmd: &mut Command) -> Command {
+    if !is_root() {
+        let mut same = Command::new(cmd.get_program());
+        same.args(cmd.get_args());
+        return same;
+    }
+    let mut r = Command::new("runuser");
+    r.args(["-u", "postgres", "--"]).arg(cmd.get_program()).args(cmd.get_args());
+    r
+}
+
+fn chown_postgres(path: &Path) {
+    if is_root() {
+        let mut chown = Command::new("chown");
+        chown.arg("postgres").arg(path);
+        run_ok(chown);
+    }
+}
+
+fn run_ok(mut cmd: Command) {
+    let out = cmd.output().expect("run a command");
+    assert!(out.status.success(), "{:?}: {}", cmd.get_program(), String::from_utf8_lossy(&out.stderr));
 }

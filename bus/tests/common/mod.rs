@@ -27,7 +27,7 @@ impl Env {
     pub async fn with_topology(f: impl FnOnce(Topology) -> Topology) -> Env {
         observability::init_for_tests();
         let db = TestDb::create().await;
-        storage::migrate(&db.url).await.unwrap();
+        storage::migrate(&storage::DbConfig::new(&db.url)).await.unwrap();
         let pool = storage::pool(&storage::DbConfig::new(&db.url)).unwrap();
         let client = testkit::nats().await;
         let js = jetstream::new(client.clone());

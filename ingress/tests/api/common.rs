@@ -73,7 +73,7 @@ pub async fn spawn_app() -> TestApp {
 pub async fn spawn_app_with(opts: Options) -> TestApp {
     observability::init_for_tests();
     let db = TestDb::create().await;
-    storage::migrate(&db.url).await.expect("migrations run");
+    storage::migrate(&storage::DbConfig::new(&db.url)).await.expect("migrations run");
     let pool = storage::pool(&DbConfig::new(&db.url)).expect("pool");
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

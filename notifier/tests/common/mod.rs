@@ -86,7 +86,7 @@ impl Env {
     pub async fn new() -> Env {
         observability::init_for_tests();
         let db = TestDb::create().await;
-        storage::migrate(&db.url).await.unwrap();
+        storage::migrate(&storage::DbConfig::new(&db.url)).await.unwrap();
         let pool = storage::pool(&storage::DbConfig::new(&db.url)).unwrap();
         let client = testkit::nats().await;
         let js = jetstream::new(client);

@@ -210,7 +210,7 @@ impl System {
     }
 
     pub async fn sql(&self, statement: String) {
-        let mut conn = storage::connect(&self.db.url).await.unwrap();
+        let mut conn = storage::connect(&storage::DbConfig::new(&self.db.url)).await.unwrap();
         storage::RunQueryDsl::execute(diesel::sql_query(statement), &mut conn).await.unwrap();
     }
 }
