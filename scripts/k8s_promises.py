@@ -532,7 +532,24 @@ def check_overlay(name: str, docs: list[dict], roles: list[list[str]], monitors:
         for c in d["spec"]["template"]["spec"].get("containers") or []:
             words = role_args(c) if is_paystream(c, images) else []
             if words[:1] == ["ingress"] or words[:2] == ["processor", "lifecycle"]:
-                check_key_files(f"{name} {ident(d)}", d["spec"]["template"]["spec"], c, wechat)
+                check_key_files(f"{name} {ident(d)}", d["spec"]["template"]["spec"], c,
+                                {f"wechat.{k}": wechat.get(k)
+                                 for k in ("merchant_private_key_path", "platform_public_key_path")})
+
+    # PostgreSQL over verified TLS, its CA mounted (from a Secret, the CA's key left out) wherever paystream runs.
+    database = cfg.get("database") or {}
+    if database.get("tls", "disable") != "verify-full":
+        fail(name, f"database.tls is {database.get('tls', 'disable')!r}: PostgreSQL traffic must be verified TLS")
+    for w in workloads:
+        for c in pod_template(w)["spec"].get("containers") or []:
+            if is_paystream(c, images) and role_args(c)[:1] != ["sandbox"]:
+                check_key_files(f"{name} {ident(w)}", pod_template(w)["spec"], c,
+                                {"database.ca_file": database.get("ca_file")})
+    for w in workloads:
+        for v in pod_template(w)["spec"].get("volumes") or []:
+            for item in (v.get("secret") or {}).get("items") or []:
+                if item.get("key") == "ca.key":
+                    fail(f"{name} {ident(w)}", f"volume {v['name']} mounts a CA's private key (ca.key)")
 
     # The binary's verdict on this overlay's paystream.toml with each role's environment.
     if not BIN.exists():
@@ -607,9 +624,10 @@ def scraped(service: dict, port: dict, docs: list[dict], monitors: list[dict]) -
     return False
 
 
-def check_key_files(where: str, spec: dict, c: dict, wechat: dict) -> None:
-    for key in ("merchant_private_key_path", "platform_public_key_path"):
-        path = wechat.get(key)
+def check_key_files(where: str, spec: dict, c: dict, files: dict) -> None:
+    """Each file the configuration names (`{"wechat.merchant_private_key_path": path, …}`) is mounted from a Secret
+    volume that carries it."""
+    for key, path in files.items():
         if not path:
             continue
         found = False
@@ -618,15 +636,15 @@ def check_key_files(where: str, spec: dict, c: dict, wechat: dict) -> None:
             if path == mp or path.startswith(mp + "/"):
                 vol = next((v for v in spec.get("volumes") or [] if v["name"] == m["name"]), {})
                 if "secret" not in vol:
-                    fail(where, f"wechat.{key} ({path}) is mounted from a volume that is not a Secret")
+                    fail(where, f"{key} ({path}) is mounted from a volume that is not a Secret")
                 else:
                     rel = m.get("subPath") or path[len(mp) + 1:]
                     items = vol["secret"].get("items")
                     if items is not None and rel not in {i["path"] for i in items}:
-                        fail(where, f"wechat.{key} ({path}): Secret volume {vol['name']} has no item {rel}")
+                        fail(where, f"{key} ({path}): Secret volume {vol['name']} has no item {rel}")
                 found = True
         if not found:
-            fail(where, f"wechat.{key} ({path}) is not mounted")
+            fail(where, f"{key} ({path}) is not mounted")
 
 
 # ---------------------------------------------------------------------------------------------------------------

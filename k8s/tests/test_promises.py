@@ -55,6 +55,14 @@ CASES = [
      lambda v: v["config"]["merge"]["authorization"]["users"][0].__setitem__("password", "hunter2")),
     ("the NATS password variable not from a Secret", "nats", "must come from a secretKeyRef", False,
      lambda v: v["container"]["env"].__setitem__("PAYSTREAM_NATS_PASSWORD", "hunter2")),
+    ("PostgreSQL without TLS", "prod", "database.tls is 'disable'", False,
+     lambda d: edit_toml(d, 'tls = "verify-full"\n', "")),
+    ("the database CA not mounted", "prod", "database.ca_file (/etc/paystream/db-ca/ca.crt) is not mounted", False,
+     lambda d: main_container(d, "paystream-relay").__setitem__(
+         "volumeMounts", [m for m in main_container(d, "paystream-relay")["volumeMounts"] if m["name"] != "db-ca"])),
+    ("the database CA's private key mounted", "dev", "mounts a CA's private key", False,
+     lambda d: pod(d, "Deployment", "paystream-notifier")["volumes"][-1]["secret"]["items"].append(
+         {"key": "ca.key", "path": "ca.key"})),
     ("a role without the NATS password", "prod", "`paystream config` refuses", True,
      lambda d: drop_env(d, "paystream-relay", "PAYSTREAM__NATS__PASSWORD")),
     ("a writable root filesystem", "prod", "readOnlyRootFilesystem", False,
