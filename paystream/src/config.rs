@@ -124,6 +124,7 @@ fn string_key(env_key: &str) -> Option<(&'static str, bool)> {
 /// Written by hand because figment's `Env` reads every value as TOML: a secret of digits became a number and was
 /// refused (with the secret itself in the error message), and a secret in quotes lost them. These keys are taken as
 /// written, always strings, and an error names the variable, never the value.
+///
 /// Keys of the `unused` sections are skipped: a role does not read another role's secret files.
 fn strings_from_env(mut figment: Figment, unused: &[&str]) -> Result<Figment, ConfigError> {
     let mut seen: Vec<(&str, String)> = Vec::new();

@@ -8,6 +8,8 @@
 //! is lost and the request is retried; a user's refund refunds the payment and the order; `REFUND.SUCCESS` twice,
 //! late or out of order changes state once; reports that do not match a refund are dead-lettered.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -198,72 +200,21 @@ struct Booking {
 
 /// A user, an order due in 30 minutes, its waiting payment, and a real prepay at the sandbox (WeChat knows it).
 async fn book(env: &Env) -> Booking {
-    use storage::{homestays, orders, payments, users};
     let mut pooled = env.conn().await;
     let conn: &mut Conn = &mut pooled;
     let openid = format!("oT{}", &uuid::Uuid::new_v4().simple().to_string()[..26]);
-    let user = users::insert_with_auth(conn, &users::NewUser::default(), AuthType::WxMini, &openid).await.unwrap().id();
-    let h = homestays::insert(
-        conn,
-        &homestays::NewHomestay {
-            title: "Lakeside cabin".into(),
-            sub_title: String::new(),
-            info: String::new(),
-            people_num: 4,
-            row_state: 1,
-            row_type: 0,
-            food_info: String::new(),
-            food_price: 0,
-            homestay_price: 29900,
-            market_homestay_price: 0,
-        },
-    )
-    .await
-    .unwrap();
     let now = Utc::now();
     let deadline = now + TimeDelta::minutes(30);
-    let order = OrderSn::generate(now);
-    orders::insert(conn, &new_order(&order, user, h.id, deadline)).await.unwrap();
-    let payment = PaymentSn::generate(now);
-    payments::insert(conn, &payments::NewPayment::homestay_order(&payment, user, Fen::new(59800).unwrap(), &order))
-        .await
-        .unwrap();
-    let req =
-        env.pay.new_prepay_request("Lakeside cabin", payment.as_str(), 59800, wechat::OpenId::new(openid).unwrap());
+    let b = common::booking(conn, &openid, None, deadline).await;
+    let req = env.pay.new_prepay_request(
+        "Lakeside cabin",
+        b.payment.as_str(),
+        common::TOTAL,
+        wechat::OpenId::new(openid).unwrap(),
+    );
     let answer = env.pay.prepay_jsapi(&req).await.unwrap();
-    payments::record_prepay(conn, &payment, &answer.prepay_id, now).await.unwrap();
-    Booking { order, payment, deadline }
-}
-
-fn new_order(sn: &OrderSn, user: UserId, homestay: i64, deadline: chrono::DateTime<Utc>) -> storage::orders::NewOrder {
-    let now = Utc::now();
-    storage::orders::NewOrder {
-        sn: sn.to_string(),
-        user_id: user.0,
-        homestay_id: homestay,
-        title: "Lakeside cabin".into(),
-        sub_title: String::new(),
-        cover: String::new(),
-        info: String::new(),
-        people_num: 4,
-        row_type: 0,
-        need_food: false,
-        food_info: String::new(),
-        food_price: 0,
-        homestay_price: 29900,
-        market_homestay_price: 0,
-        homestay_business_id: 0,
-        homestay_user_id: 0,
-        live_start_date: now + TimeDelta::days(3),
-        live_end_date: now + TimeDelta::days(5),
-        live_people_num: 2,
-        trade_code: "20261127".into(),
-        remark: String::new(),
-        order_total_price: 59800,
-        food_total_price: 0,
-        homestay_total_price: 59800,
-        pay_deadline: deadline,
-    }
+    storage::payments::record_prepay(conn, &b.payment, &answer.prepay_id, now).await.unwrap();
+    Booking { order: b.order, payment: b.payment, deadline }
 }
 
 async fn state(env: &Env, b: &Booking) -> (PayStatus, TradeState) {
@@ -562,30 +513,12 @@ async fn run_closes_due_orders_every_interval_and_stops_on_shutdown() {
     let order = {
         let mut pooled = env.conn().await;
         let conn: &mut Conn = &mut pooled;
-        let user = storage::users::insert_with_auth(conn, &Default::default(), AuthType::WxMini, "oNoPrepay")
-            .await
-            .unwrap()
-            .id();
-        let h = storage::homestays::insert(
-            conn,
-            &storage::homestays::NewHomestay {
-                title: "Lakeside cabin".into(),
-                sub_title: String::new(),
-                info: String::new(),
-                people_num: 4,
-                row_state: 1,
-                row_type: 0,
-                food_info: String::new(),
-                food_price: 0,
-                homestay_price: 29900,
-                market_homestay_price: 0,
-            },
-        )
-        .await
-        .unwrap();
+        let user = common::user(conn, "oNoPrepay", None).await;
+        let homestay = common::homestay(conn).await;
         let sn = OrderSn::generate(Utc::now());
         // Already past its deadline, and with no payment at all.
-        storage::orders::insert(conn, &new_order(&sn, user, h.id, Utc::now() - TimeDelta::seconds(1))).await.unwrap();
+        let past = Utc::now() - TimeDelta::seconds(1);
+        storage::orders::insert(conn, &common::new_order(&sn, user, homestay, past)).await.unwrap();
         sn
     };
     let cfg = TimeoutConfig { interval: Duration::from_millis(50), ..TimeoutConfig::default() };

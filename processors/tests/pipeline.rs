@@ -2,6 +2,8 @@
 //! order, one `payment.status` and one pair of notification requests come out — whatever the replays, crashes
 //! and bad input.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +12,7 @@ use bus::events::{ReportSource, WechatTransactionReported};
 use bus::{ConsumerConfig, OutboxConfig, Publisher, Relay, Subject, Topology, headers};
 use chrono::{TimeDelta, Utc};
 use futures::StreamExt;
-use storage::{AuthType, Conn, Fen, OrderSn, PayStatus, PaymentSn, PgPool, TradeState, UserId};
+use storage::{Conn, OrderSn, PayStatus, PaymentSn, PgPool, TradeState, UserId};
 use testkit::TestDb;
 use tokio_util::sync::CancellationToken;
 
@@ -105,73 +107,9 @@ struct Booking {
 }
 
 async fn book(conn: &mut Conn, mobile: Option<&str>) -> Booking {
-    use storage::{homestays, orders, payments, users};
-    let openid = testkit::unique("openid-");
-    let user = users::insert_with_auth(
-        conn,
-        &users::NewUser { mobile: mobile.map(str::to_owned), ..Default::default() },
-        AuthType::WxMini,
-        &openid,
-    )
-    .await
-    .unwrap()
-    .id();
-    let h = homestays::insert(
-        conn,
-        &homestays::NewHomestay {
-            title: "Lakeside cabin".into(),
-            sub_title: String::new(),
-            info: String::new(),
-            people_num: 4,
-            row_state: 1,
-            row_type: 0,
-            food_info: String::new(),
-            food_price: 0,
-            homestay_price: 29900,
-            market_homestay_price: 0,
-        },
-    )
-    .await
-    .unwrap();
-    let now = Utc::now();
-    let order = OrderSn::generate(now);
-    orders::insert(
-        conn,
-        &orders::NewOrder {
-            sn: order.to_string(),
-            user_id: user.0,
-            homestay_id: h.id,
-            title: h.title.clone(),
-            sub_title: String::new(),
-            cover: String::new(),
-            info: String::new(),
-            people_num: 4,
-            row_type: 0,
-            need_food: false,
-            food_info: String::new(),
-            food_price: 0,
-            homestay_price: 29900,
-            market_homestay_price: 0,
-            homestay_business_id: 0,
-            homestay_user_id: 0,
-            live_start_date: now + TimeDelta::days(3),
-            live_end_date: now + TimeDelta::days(5),
-            live_people_num: 2,
-            trade_code: "20261127".into(),
-            remark: String::new(),
-            order_total_price: 59800,
-            food_total_price: 0,
-            homestay_total_price: 59800,
-            pay_deadline: now + TimeDelta::minutes(30),
-        },
-    )
-    .await
-    .unwrap();
-    let payment = PaymentSn::generate(now);
-    payments::insert(conn, &payments::NewPayment::homestay_order(&payment, user, Fen::new(59800).unwrap(), &order))
-        .await
-        .unwrap();
-    Booking { user, order, payment, total: 59800 }
+    let deadline = Utc::now() + TimeDelta::minutes(30);
+    let b = common::booking(conn, &testkit::unique("openid-"), mobile, deadline).await;
+    Booking { user: b.user, order: b.order, payment: b.payment, total: common::TOTAL }
 }
 
 fn success(b: &Booking, notification: &str) -> WechatTransactionReported {

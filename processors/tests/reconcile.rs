@@ -2,6 +2,8 @@
 //! still completes its order, NOTPAY is asked about along the schedule and then left alone, payments WeChat never
 //! saw are counted and not published, replicas share the work, and a failed query is retried at the next delay.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +16,7 @@ use figment::providers::{Format as _, Toml};
 use futures::StreamExt;
 use processors::reconcile::{self, ReconcileConfig, ReconcileReport, Reconciler};
 use sandbox::{Api, Fault, RunningSandbox, SandboxOptions};
-use storage::{AuthType, Conn, Fen, OrderSn, PayStatus, PaymentSn, PgPool, TradeState, UserId, payments};
+use storage::{Conn, OrderSn, PayStatus, PaymentSn, PgPool, TradeState, payments};
 use testkit::TestDb;
 use tokio_util::sync::CancellationToken;
 use wechat::{OpenId, PayClient, WechatConfig};
@@ -144,68 +146,9 @@ struct Booking {
 }
 
 async fn book(conn: &mut Conn) -> Booking {
-    use storage::{homestays, orders, users};
-    let user: UserId =
-        users::insert_with_auth(conn, &users::NewUser::default(), AuthType::WxMini, &testkit::unique("openid-"))
-            .await
-            .unwrap()
-            .id();
-    let h = homestays::insert(
-        conn,
-        &homestays::NewHomestay {
-            title: "Lakeside cabin".into(),
-            sub_title: String::new(),
-            info: String::new(),
-            people_num: 4,
-            row_state: 1,
-            row_type: 0,
-            food_info: String::new(),
-            food_price: 0,
-            homestay_price: 29900,
-            market_homestay_price: 0,
-        },
-    )
-    .await
-    .unwrap();
-    let now = Utc::now();
-    let order = OrderSn::generate(now);
-    orders::insert(
-        conn,
-        &orders::NewOrder {
-            sn: order.to_string(),
-            user_id: user.0,
-            homestay_id: h.id,
-            title: h.title.clone(),
-            sub_title: String::new(),
-            cover: String::new(),
-            info: String::new(),
-            people_num: 4,
-            row_type: 0,
-            need_food: false,
-            food_info: String::new(),
-            food_price: 0,
-            homestay_price: 29900,
-            market_homestay_price: 0,
-            homestay_business_id: 0,
-            homestay_user_id: 0,
-            live_start_date: now + TimeDelta::days(3),
-            live_end_date: now + TimeDelta::days(5),
-            live_people_num: 2,
-            trade_code: "20261127".into(),
-            remark: String::new(),
-            order_total_price: 59800,
-            food_total_price: 0,
-            homestay_total_price: 59800,
-            pay_deadline: now + TimeDelta::minutes(30),
-        },
-    )
-    .await
-    .unwrap();
-    let payment = PaymentSn::generate(now);
-    payments::insert(conn, &payments::NewPayment::homestay_order(&payment, user, Fen::new(59800).unwrap(), &order))
-        .await
-        .unwrap();
-    Booking { order, payment, total: 59800 }
+    let deadline = Utc::now() + TimeDelta::minutes(30);
+    let b = common::booking(conn, &testkit::unique("openid-"), None, deadline).await;
+    Booking { order: b.order, payment: b.payment, total: common::TOTAL }
 }
 
 /// The user pays at WeChat, but WeChat never manages to call us back.
