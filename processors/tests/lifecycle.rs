@@ -10,16 +10,14 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use bus::{ConsumerConfig, OutboxConfig, Publisher, Relay, Subject, Topology};
+use bus::{Publisher, Subject, Topology};
 use chrono::{TimeDelta, Utc};
 use diesel::QueryableByName;
 use figment::Figment;
 use figment::providers::{Format as _, Toml};
-use futures::StreamExt;
 use processors::timeout::CloseReport;
 use processors::{TimeoutCloser, TimeoutConfig};
 use sandbox::{Control, InitOptions, RunningSandbox};
@@ -51,14 +49,7 @@ impl Drop for Env {
 
 impl Env {
     async fn new() -> Env {
-        observability::init_for_tests();
-        let db = TestDb::create().await;
-        storage::migrate(&storage::DbConfig::new(&db.url)).await.unwrap();
-        let pool = storage::pool(&storage::DbConfig::new(&db.url)).unwrap();
-        let js = jetstream::new(testkit::nats().await);
-        let topology = Topology::new(&testkit::unique("t")).unwrap();
-        topology.ensure_streams(&js).await.unwrap();
-        let publisher = Publisher::new(js.clone(), Arc::new(topology));
+        let common::Stores { db, pool, js, publisher } = common::stores("t").await;
         let dir = std::env::temp_dir().join(testkit::unique("timeout-sandbox-"));
         // Nobody listens there: no callback reaches us, so only the closer's query can tell the pipeline about a
         // payment (port 1 refuses at once; the sandbox's retries run on WeChat's real, slow schedule).
@@ -85,37 +76,19 @@ impl Env {
         self.publisher.topology()
     }
 
-    /// The relay and both processors, as `paystream all` runs them.
+    /// The relay, both processors and the refund consumers, as `paystream all` runs them.
     fn start(&self) -> (CancellationToken, Vec<tokio::task::JoinHandle<()>>) {
         let token = CancellationToken::new();
-        let cfg = ConsumerConfig {
-            ack_wait: Duration::from_secs(5),
-            handler_timeout: Duration::from_secs(2),
-            backoff: vec![Duration::from_millis(50), Duration::from_millis(100)],
-            max_deliver: 3,
-            concurrency: 8,
-        };
-        let relay = Relay::new(
-            self.pool.clone(),
-            storage::DbConfig::new(&self.db.url),
-            self.publisher.clone(),
-            OutboxConfig { poll_interval: Duration::from_millis(200), ..Default::default() },
-        );
-        let (appid, mchid) = (self.pay.settings().appid.clone(), self.pay.settings().mchid.clone());
-        let mchid2 = mchid.clone();
-        let (p, pool, t, c1) = (self.publisher.clone(), self.pool.clone(), token.clone(), cfg.clone());
-        let payment =
-            tokio::spawn(async move { processors::run_payment(p, pool, &appid, &mchid, c1, t).await.unwrap() });
-        let (p, pool, t) = (self.publisher.clone(), self.pool.clone(), token.clone());
-        let c2 = cfg.clone();
-        let order = tokio::spawn(async move { processors::run_order(p, pool, c2, t).await.unwrap() });
-        let relay = tokio::spawn(relay.run(token.clone()));
+        let cfg = common::consumer_config(8);
+        let (appid, mchid) = (self.pay.settings().appid.as_str(), self.pay.settings().mchid.clone());
+        let mut tasks =
+            common::start_pipeline(&self.db.url, &self.pool, &self.publisher, (appid, &mchid), &cfg, &token);
         let (p, pool, t, c1, pay) =
             (self.publisher.clone(), self.pool.clone(), token.clone(), cfg.clone(), self.pay.clone());
-        let requests = tokio::spawn(async move { processors::run_refund_requests(p, pool, pay, c1, t).await.unwrap() });
-        let (p, pool, t, mchid) = (self.publisher.clone(), self.pool.clone(), token.clone(), mchid2);
-        let status = tokio::spawn(async move { processors::run_refund_status(p, pool, &mchid, cfg, t).await.unwrap() });
-        (token, vec![payment, order, relay, requests, status])
+        tasks.push(tokio::spawn(async move { processors::run_refund_requests(p, pool, pay, c1, t).await.unwrap() }));
+        let (p, pool, t) = (self.publisher.clone(), self.pool.clone(), token.clone());
+        tasks.push(tokio::spawn(async move { processors::run_refund_status(p, pool, &mchid, cfg, t).await.unwrap() }));
+        (token, tasks)
     }
 
     fn refund_reconciler(&self) -> processors::RefundReconciler {
@@ -171,10 +144,7 @@ impl Env {
     }
 
     async fn count(&self, subject: Subject) -> usize {
-        let stream = self.js.get_stream(self.t().stream_of(subject)).await.unwrap();
-        let info = stream.info_with_subjects(self.t().subject(subject)).await.unwrap();
-        let n: Vec<_> = info.collect().await;
-        n.into_iter().map(|r| r.unwrap().1).sum()
+        common::stored(&self.js, self.t(), subject).await as usize
     }
 
     async fn outbox_len(&self) -> i64 {

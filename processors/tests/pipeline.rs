@@ -4,14 +4,12 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
 use bus::events::{ReportSource, WechatTransactionReported};
-use bus::{ConsumerConfig, OutboxConfig, Publisher, Relay, Subject, Topology, headers};
+use bus::{Publisher, Subject, Topology, headers};
 use chrono::{TimeDelta, Utc};
-use futures::StreamExt;
 use storage::{Conn, OrderSn, PayStatus, PaymentSn, PgPool, TradeState, UserId};
 use testkit::TestDb;
 use tokio_util::sync::CancellationToken;
@@ -28,14 +26,7 @@ struct Env {
 
 impl Env {
     async fn new() -> Env {
-        observability::init_for_tests();
-        let db = TestDb::create().await;
-        storage::migrate(&storage::DbConfig::new(&db.url)).await.unwrap();
-        let pool = storage::pool(&storage::DbConfig::new(&db.url)).unwrap();
-        let js = jetstream::new(testkit::nats().await);
-        let topology = Topology::new(&testkit::unique("p")).unwrap();
-        topology.ensure_streams(&js).await.unwrap();
-        let publisher = Publisher::new(js.clone(), Arc::new(topology));
+        let common::Stores { db, pool, js, publisher } = common::stores("p").await;
         Env { db, pool, js, publisher }
     }
 
@@ -46,26 +37,8 @@ impl Env {
     /// Starts the relay and both processors; returns the token that stops them and their tasks.
     fn start(&self) -> (CancellationToken, Vec<tokio::task::JoinHandle<()>>) {
         let token = CancellationToken::new();
-        let cfg = ConsumerConfig {
-            ack_wait: Duration::from_secs(5),
-            handler_timeout: Duration::from_secs(2),
-            backoff: vec![Duration::from_millis(50), Duration::from_millis(100)],
-            max_deliver: 3,
-            concurrency: 16,
-        };
-        let relay = Relay::new(
-            self.pool.clone(),
-            storage::DbConfig::new(&self.db.url),
-            self.publisher.clone(),
-            OutboxConfig { poll_interval: Duration::from_millis(200), ..Default::default() },
-        );
-        let (p, pool, t) = (self.publisher.clone(), self.pool.clone(), token.clone());
-        let c1 = cfg.clone();
-        let payment = tokio::spawn(async move { processors::run_payment(p, pool, APPID, MCHID, c1, t).await.unwrap() });
-        let (p, pool, t) = (self.publisher.clone(), self.pool.clone(), token.clone());
-        let order = tokio::spawn(async move { processors::run_order(p, pool, cfg, t).await.unwrap() });
-        let relay = tokio::spawn(relay.run(token.clone()));
-        (token, vec![payment, order, relay])
+        let cfg = common::consumer_config(16);
+        (token.clone(), common::start_pipeline(&self.db.url, &self.pool, &self.publisher, (APPID, MCHID), &cfg, &token))
     }
 
     async fn conn(&self) -> storage::PooledConn {
@@ -74,10 +47,7 @@ impl Env {
 
     /// Messages stored on a subject (a count that includes every duplicate that got past JetStream).
     async fn count(&self, subject: Subject) -> u64 {
-        let stream = self.js.get_stream(self.t().stream_of(subject)).await.unwrap();
-        let info = stream.info_with_subjects(self.t().subject(subject)).await.unwrap();
-        let n: Vec<_> = info.collect().await;
-        n.into_iter().map(|r| r.unwrap().1 as u64).sum()
+        common::stored(&self.js, self.t(), subject).await
     }
 
     async fn dead_letters(&self, consumer: &str) -> Vec<String> {

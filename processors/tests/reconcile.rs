@@ -5,15 +5,13 @@
 mod common;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use bus::{ConsumerConfig, OutboxConfig, Publisher, Relay, Subject, Topology};
+use bus::{Publisher, Subject};
 use chrono::{DateTime, SubsecRound, TimeDelta, Utc};
 use figment::Figment;
 use figment::providers::{Format as _, Toml};
-use futures::StreamExt;
 use processors::reconcile::{self, ReconcileConfig, ReconcileReport, Reconciler};
 use sandbox::{Api, Fault, RunningSandbox, SandboxOptions};
 use storage::{Conn, OrderSn, PayStatus, PaymentSn, PgPool, TradeState, payments};
@@ -45,14 +43,7 @@ impl Drop for Env {
 
 impl Env {
     async fn new() -> Env {
-        observability::init_for_tests();
-        let db = TestDb::create().await;
-        storage::migrate(&storage::DbConfig::new(&db.url)).await.unwrap();
-        let pool = storage::pool(&storage::DbConfig::new(&db.url)).unwrap();
-        let js = jetstream::new(testkit::nats().await);
-        let topology = Topology::new(&testkit::unique("r")).unwrap();
-        topology.ensure_streams(&js).await.unwrap();
-        let publisher = Publisher::new(js.clone(), Arc::new(topology));
+        let common::Stores { db, pool, js, publisher } = common::stores("r").await;
         let dir = std::env::temp_dir().join(testkit::unique("reconcile-sandbox-"));
         let sandbox = sandbox::spawn_for_tests_with(&dir, SandboxOptions { time_scale: 1000.0, ..Default::default() })
             .await
@@ -75,27 +66,9 @@ impl Env {
     /// Starts the relay and both processors (for the merchant of the sandbox identity).
     fn start(&self) -> (CancellationToken, Vec<tokio::task::JoinHandle<()>>) {
         let token = CancellationToken::new();
-        let cfg = ConsumerConfig {
-            ack_wait: Duration::from_secs(5),
-            handler_timeout: Duration::from_secs(2),
-            backoff: vec![Duration::from_millis(50), Duration::from_millis(100)],
-            max_deliver: 3,
-            concurrency: 16,
-        };
-        let relay = Relay::new(
-            self.pool.clone(),
-            storage::DbConfig::new(&self.db.url),
-            self.publisher.clone(),
-            OutboxConfig { poll_interval: Duration::from_millis(200), ..Default::default() },
-        );
-        let (p, pool, t) = (self.publisher.clone(), self.pool.clone(), token.clone());
-        let (appid, mchid, c1) = (self.wechat.appid.clone(), self.wechat.mchid.clone(), cfg.clone());
-        let payment =
-            tokio::spawn(async move { processors::run_payment(p, pool, &appid, &mchid, c1, t).await.unwrap() });
-        let (p, pool, t) = (self.publisher.clone(), self.pool.clone(), token.clone());
-        let order = tokio::spawn(async move { processors::run_order(p, pool, cfg, t).await.unwrap() });
-        let relay = tokio::spawn(relay.run(token.clone()));
-        (token, vec![payment, order, relay])
+        let cfg = common::consumer_config(16);
+        let merchant = (self.wechat.appid.as_str(), self.wechat.mchid.as_str());
+        (token.clone(), common::start_pipeline(&self.db.url, &self.pool, &self.publisher, merchant, &cfg, &token))
     }
 
     async fn conn(&self) -> storage::PooledConn {
@@ -104,11 +77,7 @@ impl Env {
 
     /// Messages stored on a subject.
     async fn count(&self, subject: Subject) -> u64 {
-        let t = self.publisher.topology();
-        let stream = self.js.get_stream(t.stream_of(subject)).await.unwrap();
-        let info = stream.info_with_subjects(t.subject(subject)).await.unwrap();
-        let n: Vec<_> = info.collect().await;
-        n.into_iter().map(|r| r.unwrap().1 as u64).sum()
+        common::stored(&self.js, self.publisher.topology(), subject).await
     }
 
     async fn payment(&self, b: &Booking) -> payments::PaymentRow {

@@ -1,10 +1,84 @@
-//! Test data shared by the processors' tests: a user, the "Lakeside cabin" homestay, an order for two nights and its
-//! waiting payment of ¥598.00.
+//! Shared by the processors' tests: their own database, streams and outbox relay; the payment and order processors
+//! as `paystream all` runs them; and test data (a user, the "Lakeside cabin" homestay, an order for two nights and
+//! its waiting payment of ¥598.00).
 
 #![allow(dead_code)] // each test crate uses part of it
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use bus::{ConsumerConfig, OutboxConfig, Publisher, Relay, Subject, Topology};
 use chrono::{DateTime, TimeDelta, Utc};
-use storage::{AuthType, Conn, Fen, OrderSn, PaymentSn, UserId, homestays, orders, payments, users};
+use futures::StreamExt as _;
+use storage::{AuthType, Conn, Fen, OrderSn, PaymentSn, PgPool, UserId, homestays, orders, payments, users};
+use testkit::TestDb;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A migrated database of the test's own, and streams under a prefix of its own.
+pub struct Stores {
+    pub db: TestDb,
+    pub pool: PgPool,
+    pub js: jetstream::Context,
+    pub publisher: Publisher,
+}
+
+pub async fn stores(prefix: &str) -> Stores {
+    observability::init_for_tests();
+    let db = TestDb::create().await;
+    let db_cfg = storage::DbConfig::new(&db.url);
+    storage::migrate(&db_cfg).await.unwrap();
+    let pool = storage::pool(&db_cfg).unwrap();
+    let js = jetstream::new(testkit::nats().await);
+    let topology = Topology::new(&testkit::unique(prefix)).unwrap();
+    topology.ensure_streams(&js).await.unwrap();
+    let publisher = Publisher::new(js.clone(), Arc::new(topology));
+    Stores { db, pool, js, publisher }
+}
+
+/// Quick retries, so failure paths finish within a test's deadline.
+pub fn consumer_config(concurrency: usize) -> ConsumerConfig {
+    ConsumerConfig {
+        ack_wait: Duration::from_secs(5),
+        handler_timeout: Duration::from_secs(2),
+        backoff: vec![Duration::from_millis(50), Duration::from_millis(100)],
+        max_deliver: 3,
+        concurrency,
+    }
+}
+
+/// The outbox relay, the payment processor (for merchant `appid`/`mchid`) and the order processor, until `token`.
+pub fn start_pipeline(
+    db_url: &str,
+    pool: &PgPool,
+    publisher: &Publisher,
+    (appid, mchid): (&str, &str),
+    cfg: &ConsumerConfig,
+    token: &CancellationToken,
+) -> Vec<JoinHandle<()>> {
+    let relay = Relay::new(
+        pool.clone(),
+        storage::DbConfig::new(db_url),
+        publisher.clone(),
+        OutboxConfig { poll_interval: Duration::from_millis(200), ..Default::default() },
+    );
+    let (p, pl, t, c) = (publisher.clone(), pool.clone(), token.clone(), cfg.clone());
+    let (appid, mchid) = (appid.to_owned(), mchid.to_owned());
+    let payment = tokio::spawn(async move { processors::run_payment(p, pl, &appid, &mchid, c, t).await.unwrap() });
+    let (p, pl, t, c) = (publisher.clone(), pool.clone(), token.clone(), cfg.clone());
+    let order = tokio::spawn(async move { processors::run_order(p, pl, c, t).await.unwrap() });
+    let relay = tokio::spawn(relay.run(token.clone()));
+    vec![payment, order, relay]
+}
+
+/// Messages stored on a subject (a count that includes every duplicate that got past JetStream).
+pub async fn stored(js: &jetstream::Context, t: &Topology, subject: Subject) -> u64 {
+    let stream = js.get_stream(t.stream_of(subject)).await.unwrap();
+    let info = stream.info_with_subjects(t.subject(subject)).await.unwrap();
+    let n: Vec<_> = info.collect().await;
+    n.into_iter().map(|r| r.unwrap().1 as u64).sum()
+}
 
 /// The order's total, in fen.
 pub const TOTAL: i64 = 59800;
