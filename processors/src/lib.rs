@@ -6,6 +6,7 @@
 mod metrics;
 mod order;
 mod payment;
+mod periodic;
 pub mod reconcile;
 pub mod refund;
 pub mod timeout;

@@ -218,19 +218,8 @@ impl Reconciler {
             shutdown.cancelled().await;
             return;
         }
-        let mut tick = tokio::time::interval(self.cfg.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            // A pass is not interrupted half-way: its claims are already scheduled, so finishing the queries is
-            // better than leaving them for the next delay.
-            if let Err(e) = self.reconcile_due(Utc::now()).await {
-                tracing::warn!(error = %e, "reconciliation pass failed");
-            }
-        }
+        crate::periodic::every(self.cfg.interval, shutdown, "reconciliation pass", || self.reconcile_due(Utc::now()))
+            .await
     }
 }
 

@@ -384,17 +384,8 @@ impl RefundReconciler {
             shutdown.cancelled().await;
             return;
         }
-        let mut tick = tokio::time::interval(self.cfg.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            if let Err(e) = self.reconcile_due(Utc::now()).await {
-                tracing::warn!(error = %e, "refund reconciliation pass failed");
-            }
-        }
+        let what = "refund reconciliation pass";
+        crate::periodic::every(self.cfg.interval, shutdown, what, || self.reconcile_due(Utc::now())).await
     }
 }
 
