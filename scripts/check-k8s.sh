@@ -98,7 +98,7 @@ EOF
 
 # 3. Promises.
 "$venv/bin/python" "$root/scripts/k8s_promises.py" "$out/dev.yaml" "$out/prod.yaml" "$out/observability.yaml" \
-  "$root/k8s/postgres/cluster.yaml" "$root/k8s/nats/values.yaml"
+  "$root/k8s/observability/prometheus-adapter-values.yaml" "$root/k8s/postgres/cluster.yaml" "$root/k8s/nats/values.yaml"
 
 # 4. The promise checker catches what it is there to catch.
 "$venv/bin/python" "$root/k8s/tests/test_promises.py" "$out"

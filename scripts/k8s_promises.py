@@ -464,6 +464,19 @@ def check_overlay(name: str, docs: list[dict], roles: list[list[str]], monitors:
                 fail(where, "has spec.replicas and an HPA: every apply would reset the HPA's choice")
         elif count != 1:
             fail(where, f"runs {count} replicas in dev (1 each)")
+        if prod and hpa and d["metadata"]["name"].endswith("ingress"):
+            kinds = {(m.get("type"), ((m.get("resource") or {}).get("name")
+                                      or (((m.get("pods") or {}).get("metric") or {}).get("name"))))
+                     for m in hpa["spec"].get("metrics") or []}
+            if ("Resource", "cpu") not in kinds:
+                fail(where, "the ingress's HPA does not scale on CPU")
+            rate = [n for t, n in kinds if t == "Pods"]
+            if not rate:
+                fail(where, "the ingress's HPA does not scale on request rate (a Pods metric)")
+            for metric in rate:
+                if ADAPTER_METRICS is not None and metric not in ADAPTER_METRICS:
+                    fail(where, f"the HPA's Pods metric {metric} is served by no prometheus-adapter rule "
+                                f"(k8s/observability/prometheus-adapter-values.yaml serves {sorted(ADAPTER_METRICS)})")
         for c in spec.get("containers") or []:
             if not is_paystream(c, images) or role_args(c)[:1] == ["sandbox"]:
                 continue
@@ -691,6 +704,30 @@ def check_custom(obj: dict, where: str) -> None:
     ok(f"{where}: required fields present")
 
 
+ADAPTER_METRICS: set[str] | None = None
+
+
+def check_adapter_values(path: Path) -> None:
+    """prometheus-adapter's rules: each serves a metric paystream exports (observability/metrics.txt)."""
+    global ADAPTER_METRICS
+    v = yaml.safe_load(path.read_text()) or {}
+    where = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+    exported = set((ROOT / "k8s/observability/metrics.txt").read_text().split())
+    ADAPTER_METRICS = set()
+    for rule in (v.get("rules") or {}).get("custom") or []:
+        series = re.match(r"\s*'?([a-zA-Z_:][a-zA-Z0-9_:]*)", str(rule.get("seriesQuery", "")))
+        if not series or series.group(1) not in exported:
+            fail(where, f"rule on {rule.get('seriesQuery')!r}: not a metric paystream exports (metrics.txt)")
+        served = (rule.get("name") or {}).get("as")
+        if not served or "<<.Series>>" not in str(rule.get("metricsQuery", "")):
+            fail(where, f"rule on {rule.get('seriesQuery')!r} needs name.as and a metricsQuery over <<.Series>>")
+        else:
+            ADAPTER_METRICS.add(served)
+    if not ADAPTER_METRICS:
+        fail(where, "no custom rule: the ingress's request-rate HPA would have no metric")
+    ok(f"{where}: prometheus-adapter serves {', '.join(sorted(ADAPTER_METRICS))} from exported metrics")
+
+
 def check_nats_values(path: Path) -> None:
     v = yaml.safe_load(path.read_text()) or {}
     where = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
@@ -780,6 +817,9 @@ def main(argv: list[str]) -> int:
         path = Path(arg)
         if path.name == "values.yaml" and path.parent.name == "nats":
             check_nats_values(path)
+            continue
+        if path.name == "prometheus-adapter-values.yaml":
+            check_adapter_values(path)
             continue
         docs = load(path)
         if any(d.get("kind") == "Deployment" for d in docs):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Seeded faults that scripts/k8s_promises.py must catch: each case breaks one promise in a copy of the rendered
-manifests (.run/k8s/{dev,prod,observability}.yaml, written by scripts/check-k8s.sh) or of k8s/nats/values.yaml and
-expects the checker to exit non-zero with a message naming the fault. Run by scripts/check-k8s.sh after the real check passed:
+manifests (.run/k8s/{dev,prod,observability}.yaml, written by scripts/check-k8s.sh), of k8s/nats/values.yaml or of
+k8s/observability/prometheus-adapter-values.yaml and expects the checker to exit non-zero with a message naming the fault. Run by scripts/check-k8s.sh after the real check passed:
 
     python3 k8s/tests/test_promises.py .run/k8s
 """
@@ -46,9 +46,17 @@ def drop_env(docs, name, var):
     c["env"] = [e for e in c["env"] if e["name"] != var]
 
 
-# (description, what to break: dev | prod | observability | nats (the chart values), expected words in a FAIL line,
-# needs the binary, edit)
+# (description, what to break: dev | prod | observability | nats (the chart values) | adapter (prometheus-adapter's
+# values), expected words in a FAIL line, needs the binary, edit)
 CASES = [
+    ("the ingress's HPA without request rate", "prod", "does not scale on request rate", False,
+     lambda d: find(d, "HorizontalPodAutoscaler", "paystream-ingress")["spec"].__setitem__(
+         "metrics", [m for m in find(d, "HorizontalPodAutoscaler", "paystream-ingress")["spec"]["metrics"]
+                     if m["type"] != "Pods"])),
+    ("an HPA metric no adapter rule serves", "adapter", "served by no prometheus-adapter rule", False,
+     lambda v: v["rules"]["custom"][0]["name"].__setitem__("as", "paystream_http_rps")),
+    ("an adapter rule on a metric paystream does not export", "adapter", "not a metric paystream exports", False,
+     lambda v: v["rules"]["custom"][0].__setitem__("seriesQuery", 'http_requests_total{namespace!="",pod!=""}')),
     ("NATS without client authentication", "nats", "authorization.users expected", False,
      lambda v: v["config"]["merge"].pop("authorization")),
     ("a NATS password written in the values", "nats", "never written in the values", False,
@@ -158,6 +166,7 @@ def main():
     rendered = Path(sys.argv[1] if len(sys.argv) > 1 else ROOT / ".run/k8s")
     base = {name: load(rendered / f"{name}.yaml") for name in ("dev", "prod", "observability")}
     base["nats"] = yaml.load((ROOT / "k8s/nats/values.yaml").read_text(), Loader=Loader)
+    base["adapter"] = yaml.load((ROOT / "k8s/observability/prometheus-adapter-values.yaml").read_text(), Loader=Loader)
     DEV = base["dev"]
     have_binary = Path(os.environ.get("PAYSTREAM_BIN", ROOT / "target/debug/paystream")).exists()
     missed = skipped = 0
@@ -174,6 +183,9 @@ def main():
                 if name == "nats":  # the checker knows the chart values by their path: nats/values.yaml
                     p = Path(tmp) / "nats" / "values.yaml"
                     p.parent.mkdir(exist_ok=True)
+                    p.write_text(yaml.dump(content, Dumper=Dumper))
+                elif name == "adapter":
+                    p = Path(tmp) / "prometheus-adapter-values.yaml"
                     p.write_text(yaml.dump(content, Dumper=Dumper))
                 else:
                     p = Path(tmp) / f"{name}.yaml"
