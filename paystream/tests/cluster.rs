@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::System;
 use futures::StreamExt as _;
-use serde_json::{Value, json};
+use serde_json::json;
 
 const PAYMENTS: usize = 1_000;
 const USERS: usize = 10;
@@ -74,16 +74,7 @@ async fn a_nats_node_killed_during_1000_payments_loses_and_duplicates_nothing() 
 
     // Exactly one pay-success and one check-in message per order at WeChat.
     let messages = testkit::eventually(Duration::from_secs(240), "two messages per order at WeChat", || async {
-        let all: Value = sys
-            .http
-            .get(format!("{}/sandbox/v1/subscribe-messages", sys.sandbox))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
-        let list = all["data"].as_array()?.clone();
+        let list = sys.subscribe_messages().await;
         (list.len() >= 2 * PAYMENTS).then_some(list)
     })
     .await;

@@ -33,17 +33,7 @@ async fn duplicate_callbacks_change_the_order_once_and_other_users_see_nothing()
     .await;
     assert_eq!(sys.count("PAYMENT", "payment.status").await, 1, "one state change for six deliveries");
     let delivered = testkit::eventually(Duration::from_secs(20), "two messages at WeChat", || async {
-        let all: Value = sys
-            .http
-            .get(format!("{}/sandbox/v1/subscribe-messages", sys.sandbox))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
-        let mine: Vec<Value> =
-            all["data"].as_array()?.iter().filter(|m| m.to_string().contains(&order)).cloned().collect();
+        let mine = sys.subscribe_messages_for(&order).await;
         (mine.len() >= 2).then_some(mine)
     })
     .await;

@@ -188,15 +188,18 @@ impl System {
         (s["payStatus"].clone(), s["tradeState"].clone())
     }
 
-    pub async fn subscribe_messages_for(&self, order: &str) -> Vec<Value> {
+    /// Every subscribe message WeChat (the sandbox) received; none while it cannot be asked.
+    pub async fn subscribe_messages(&self) -> Vec<Value> {
         let all: Value = match self.http.get(format!("{}/sandbox/v1/subscribe-messages", self.sandbox)).send().await {
             Ok(r) => r.json().await.unwrap_or(Value::Null),
             Err(_) => Value::Null,
         };
-        all["data"]
-            .as_array()
-            .map(|a| a.iter().filter(|m| m.to_string().contains(order)).cloned().collect())
-            .unwrap_or_default()
+        all["data"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// The subscribe messages that name `order`.
+    pub async fn subscribe_messages_for(&self, order: &str) -> Vec<Value> {
+        self.subscribe_messages().await.into_iter().filter(|m| m.to_string().contains(order)).collect()
     }
 
     /// What `paystream all` logged so far (JSON lines).
