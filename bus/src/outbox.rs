@@ -46,15 +46,13 @@ pub async fn enqueue<E: Event>(conn: &mut Conn, env: &Envelope<E>) -> Result<(),
 /// order (see [`storage::outbox::claim_batch`]).
 pub struct Relay {
     pool: PgPool,
-    /// For the LISTEN connection (outside the pool, with the pool's TLS).
-    db: storage::DbConfig,
     publisher: Publisher,
     cfg: OutboxConfig,
 }
 
 impl Relay {
-    pub fn new(pool: PgPool, db: storage::DbConfig, publisher: Publisher, cfg: OutboxConfig) -> Self {
-        Relay { pool, db, publisher, cfg }
+    pub fn new(pool: PgPool, publisher: Publisher, cfg: OutboxConfig) -> Self {
+        Relay { pool, publisher, cfg }
     }
 
     /// Publishes one batch: claim, publish with pipelined PubAcks, delete, commit. Returns the rows published.
@@ -121,7 +119,7 @@ impl Relay {
     /// the rows wait in the outbox.
     pub async fn run(self, shutdown: CancellationToken) {
         let (wake_tx, mut wake_rx) = tokio::sync::mpsc::channel::<()>(1);
-        let listener = tokio::spawn(listen(self.db.clone(), wake_tx, shutdown.clone()));
+        let listener = tokio::spawn(listen(self.pool.clone(), wake_tx, shutdown.clone()));
         let mut failures = 0u32;
         let mut last_stats = Instant::now() - Duration::from_secs(60);
         loop {
@@ -175,13 +173,14 @@ fn json_headers(v: &serde_json::Value) -> HeaderMap {
     h
 }
 
-/// Holds a dedicated connection with `LISTEN` and forwards every notification as a wake-up. Reconnects with a
-/// pause when the connection drops; the relay's poll interval covers the gap.
-async fn listen(db: storage::DbConfig, wake: tokio::sync::mpsc::Sender<()>, shutdown: CancellationToken) {
+/// Holds a dedicated connection (made by the pool, then detached from it) with `LISTEN` and forwards every
+/// notification as a wake-up. Reconnects with a pause when the connection drops; the relay's poll interval covers
+/// the gap.
+async fn listen(pool: PgPool, wake: tokio::sync::mpsc::Sender<()>, shutdown: CancellationToken) {
     use diesel_async::RunQueryDsl;
     while !shutdown.is_cancelled() {
         let result: Result<(), StorageError> = async {
-            let mut conn = storage::connect(&db).await?;
+            let mut conn = storage::detach(&pool).await?;
             diesel::sql_query(format!("LISTEN {}", table::NOTIFY_CHANNEL)).execute(&mut conn).await?;
             // Anything committed before LISTEN took effect sent its NOTIFY to nobody: drain once now.
             let _ = wake.try_send(());

@@ -11,7 +11,7 @@ use storage::{AsyncConnection, RunQueryDsl, StorageError};
 use tokio_util::sync::CancellationToken;
 
 fn relay(env: &Env, cfg: OutboxConfig) -> Relay {
-    Relay::new(env.pool.clone(), storage::DbConfig::new(&env.db.url), env.publisher.clone(), cfg)
+    Relay::new(env.pool.clone(), env.publisher.clone(), cfg)
 }
 
 async fn write(env: &Env, events: &[Envelope<Job>]) {

@@ -46,7 +46,7 @@ impl Infra {
     }
 
     pub fn relay(&self, cfg: &Config) -> bus::Relay {
-        bus::Relay::new(self.pool.clone(), cfg.database.clone(), self.publisher.clone(), cfg.outbox.clone())
+        bus::Relay::new(self.pool.clone(), self.publisher.clone(), cfg.outbox.clone())
     }
 }
 

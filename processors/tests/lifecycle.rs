@@ -30,7 +30,8 @@ use tokio_util::sync::CancellationToken;
 const WAIT: Duration = Duration::from_secs(20);
 
 struct Env {
-    db: TestDb,
+    /// Owned so the test's database lives as long as the test.
+    _db: TestDb,
     pool: PgPool,
     js: jetstream::Context,
     publisher: Publisher,
@@ -65,7 +66,7 @@ impl Env {
         cfg.request_timeout_ms = 700;
         let pay = wechat::PayClient::from_config(&cfg).unwrap();
         let control = sandbox.control();
-        Env { db, pool, js, publisher, sandbox, control, pay, dir }
+        Env { _db: db, pool, js, publisher, sandbox, control, pay, dir }
     }
 
     fn closer(&self) -> TimeoutCloser {
@@ -81,8 +82,7 @@ impl Env {
         let token = CancellationToken::new();
         let cfg = common::consumer_config(8);
         let (appid, mchid) = (self.pay.settings().appid.as_str(), self.pay.settings().mchid.clone());
-        let mut tasks =
-            common::start_pipeline(&self.db.url, &self.pool, &self.publisher, (appid, &mchid), &cfg, &token);
+        let mut tasks = common::start_pipeline(&self.pool, &self.publisher, (appid, &mchid), &cfg, &token);
         let (p, pool, t, c1, pay) =
             (self.publisher.clone(), self.pool.clone(), token.clone(), cfg.clone(), self.pay.clone());
         tasks.push(tokio::spawn(async move { processors::run_refund_requests(p, pool, pay, c1, t).await.unwrap() }));
@@ -233,7 +233,9 @@ async fn an_unpaid_order_past_its_deadline_is_closed_at_wechat_and_here_and_its_
     })
     .await
     .iter()
-    .for_each(|n| assert!(order_closed(n) && n.contains(b.order.as_str()) && n.contains("59800"), "{n}"));
+    .for_each(|n| {
+        assert!(order_closed(n) && n.contains(b.order.as_str()) && n.contains(&common::TOTAL.to_string()), "{n}")
+    });
     assert_eq!(env.count(Subject::OrderStatus).await, 1);
     assert_eq!(env.count(Subject::PaymentStatus).await, 1);
     assert_eq!(env.count(Subject::RefundRequested).await, 0);
@@ -296,7 +298,7 @@ async fn a_payment_after_the_close_is_refused_by_wechat_and_no_money_is_kept() {
     // No money arrived, so there is nothing to refund; prepaying again is refused too.
     assert_eq!(env.count(Subject::RefundRequested).await, 0);
     let openid = wechat::OpenId::new("oUpF8uMuAJO_M2pxb1Q9zNjWeS6o").unwrap();
-    let again = env.pay.new_prepay_request("Lakeside cabin", b.payment.as_str(), 59800, openid);
+    let again = env.pay.new_prepay_request("Lakeside cabin", b.payment.as_str(), common::TOTAL, openid);
     assert_eq!(env.pay.prepay_jsapi(&again).await.unwrap_err().code(), Some("ORDER_CLOSED"));
     stop(token, tasks).await;
 }
@@ -576,7 +578,7 @@ async fn money_paid_for_a_closed_order_goes_back_once_even_when_the_refund_answe
     let at_wechat = env.control.refunds(Some(b.payment.as_str())).await.unwrap();
     assert_eq!(at_wechat.len(), 1, "the retried request made no second refund: {at_wechat:?}");
     assert_eq!(at_wechat[0].out_refund_no, processing.sn);
-    assert_eq!(at_wechat[0].amount.refund, 59800);
+    assert_eq!(at_wechat[0].amount.refund, common::TOTAL);
     assert_eq!(processing.wechat_refund_id.as_deref(), Some(at_wechat[0].refund_id.as_str()));
     // The refund callback is lost (nobody listens at the notify_url); the reconciler asks once WeChat settled it.
     let reconciler = env.refund_reconciler();
@@ -697,8 +699,8 @@ async fn refund_reports_that_do_not_match_are_dead_lettered() {
         refund_id: "50000000382019052709732678859".into(),
         status: "SUCCESS".into(),
         success_time: Some(Utc::now()),
-        amount_refund: 59800,
-        amount_total: 59800,
+        amount_refund: common::TOTAL,
+        amount_total: common::TOTAL,
     };
     let cases = [
         (
@@ -748,7 +750,7 @@ async fn refund_reports_that_do_not_match_are_dead_lettered() {
         order_sn: other.order.clone(),
         user_id: UserId(payment.user_id),
         reason: bus::events::RefundReason::UserRequested,
-        amount: Fen::new(59800).unwrap(),
+        amount: Fen::new(common::TOTAL).unwrap(),
     };
     env.publisher.publish(&ask.envelope()).await.unwrap();
     let letters = testkit::eventually(WAIT, "every bad report dead-lettered", || async {
@@ -762,7 +764,7 @@ async fn refund_reports_that_do_not_match_are_dead_lettered() {
     })
     .await;
     stop(token, tasks).await;
-    assert!(letters.iter().any(|l| l.contains("59800") && l.contains("100")), "{letters:?}");
+    assert!(letters.iter().any(|l| l.contains(&common::TOTAL.to_string()) && l.contains("100")), "{letters:?}");
     assert!(letters.iter().any(|l| l.contains("not ours")), "{letters:?}");
     assert!(letters.iter().any(|l| l.contains("MAYBE")), "{letters:?}");
     assert!(refused[0].contains("still waiting"), "{refused:?}");

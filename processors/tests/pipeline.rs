@@ -4,13 +4,15 @@
 
 mod common;
 
+use common::Booked;
+
 use std::time::Duration;
 
 use async_nats::jetstream;
 use bus::events::{ReportSource, WechatTransactionReported};
 use bus::{Publisher, Subject, Topology, headers};
 use chrono::{TimeDelta, Utc};
-use storage::{Conn, OrderSn, PayStatus, PaymentSn, PgPool, TradeState, UserId};
+use storage::{Conn, PayStatus, PaymentSn, PgPool, TradeState};
 use testkit::TestDb;
 use tokio_util::sync::CancellationToken;
 
@@ -18,7 +20,8 @@ const APPID: &str = "wxtestappid000001";
 const MCHID: &str = "1900000001";
 
 struct Env {
-    db: TestDb,
+    /// Owned so the test's database lives as long as the test.
+    _db: TestDb,
     pool: PgPool,
     js: jetstream::Context,
     publisher: Publisher,
@@ -27,7 +30,7 @@ struct Env {
 impl Env {
     async fn new() -> Env {
         let common::Stores { db, pool, js, publisher } = common::stores("p").await;
-        Env { db, pool, js, publisher }
+        Env { _db: db, pool, js, publisher }
     }
 
     fn t(&self) -> &Topology {
@@ -38,7 +41,7 @@ impl Env {
     fn start(&self) -> (CancellationToken, Vec<tokio::task::JoinHandle<()>>) {
         let token = CancellationToken::new();
         let cfg = common::consumer_config(16);
-        (token.clone(), common::start_pipeline(&self.db.url, &self.pool, &self.publisher, (APPID, MCHID), &cfg, &token))
+        (token.clone(), common::start_pipeline(&self.pool, &self.publisher, (APPID, MCHID), &cfg, &token))
     }
 
     async fn conn(&self) -> storage::PooledConn {
@@ -69,20 +72,12 @@ impl Env {
     }
 }
 
-struct Booking {
-    user: UserId,
-    order: OrderSn,
-    payment: PaymentSn,
-    total: i64,
-}
-
-async fn book(conn: &mut Conn, mobile: Option<&str>) -> Booking {
+async fn book(conn: &mut Conn, mobile: Option<&str>) -> Booked {
     let deadline = Utc::now() + TimeDelta::minutes(30);
-    let b = common::booking(conn, &testkit::unique("openid-"), mobile, deadline).await;
-    Booking { user: b.user, order: b.order, payment: b.payment, total: common::TOTAL }
+    common::booking(conn, &testkit::unique("openid-"), mobile, deadline).await
 }
 
-fn success(b: &Booking, notification: &str) -> WechatTransactionReported {
+fn success(b: &Booked, notification: &str) -> WechatTransactionReported {
     WechatTransactionReported {
         source: ReportSource::Callback,
         notification_id: Some(notification.to_owned()),
@@ -94,19 +89,19 @@ fn success(b: &Booking, notification: &str) -> WechatTransactionReported {
         trade_state: "SUCCESS".into(),
         trade_state_desc: "支付成功".into(),
         success_time: Some(Utc::now()),
-        amount_total: Some(b.total),
+        amount_total: Some(common::TOTAL),
         currency: Some("CNY".into()),
     }
 }
 
-async fn state(env: &Env, b: &Booking) -> (PayStatus, TradeState) {
+async fn state(env: &Env, b: &Booked) -> (PayStatus, TradeState) {
     let mut c = env.conn().await;
     let p = storage::payments::find_by_sn(&mut c, &b.payment).await.unwrap().unwrap().status();
     let o = storage::orders::find_by_sn(&mut c, &b.order).await.unwrap().unwrap().state();
     (p, o)
 }
 
-async fn until_paid(env: &Env, b: &Booking) {
+async fn until_paid(env: &Env, b: &Booked) {
     testkit::eventually(Duration::from_secs(20), "order paid", || async {
         (state(env, b).await == (PayStatus::Paid, TradeState::WaitUse)).then_some(())
     })

@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::Booked;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -14,7 +16,7 @@ use figment::Figment;
 use figment::providers::{Format as _, Toml};
 use processors::reconcile::{self, ReconcileConfig, ReconcileReport, Reconciler};
 use sandbox::{Api, Fault, RunningSandbox, SandboxOptions};
-use storage::{Conn, OrderSn, PayStatus, PaymentSn, PgPool, TradeState, payments};
+use storage::{Conn, PayStatus, PgPool, TradeState, payments};
 use testkit::TestDb;
 use tokio_util::sync::CancellationToken;
 use wechat::{OpenId, PayClient, WechatConfig};
@@ -24,7 +26,8 @@ use wechat::{OpenId, PayClient, WechatConfig};
 static FIXES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 struct Env {
-    db: TestDb,
+    /// Owned so the test's database lives as long as the test.
+    _db: TestDb,
     pool: PgPool,
     js: jetstream::Context,
     publisher: Publisher,
@@ -51,7 +54,7 @@ impl Env {
         let wechat: WechatConfig =
             Figment::from(Toml::file(sandbox.identity.config_path())).extract_inner("wechat").expect("[wechat]");
         let pay = PayClient::from_config(&wechat).unwrap();
-        Env { db, pool, js, publisher, sandbox, pay, wechat, dir }
+        Env { _db: db, pool, js, publisher, sandbox, pay, wechat, dir }
     }
 
     fn reconciler(&self, cfg: ReconcileConfig) -> Reconciler {
@@ -68,7 +71,7 @@ impl Env {
         let token = CancellationToken::new();
         let cfg = common::consumer_config(16);
         let merchant = (self.wechat.appid.as_str(), self.wechat.mchid.as_str());
-        (token.clone(), common::start_pipeline(&self.db.url, &self.pool, &self.publisher, merchant, &cfg, &token))
+        (token.clone(), common::start_pipeline(&self.pool, &self.publisher, merchant, &cfg, &token))
     }
 
     async fn conn(&self) -> storage::PooledConn {
@@ -80,11 +83,11 @@ impl Env {
         common::stored(&self.js, self.publisher.topology(), subject).await
     }
 
-    async fn payment(&self, b: &Booking) -> payments::PaymentRow {
+    async fn payment(&self, b: &Booked) -> payments::PaymentRow {
         payments::find_by_sn(&mut *self.conn().await, &b.payment).await.unwrap().unwrap()
     }
 
-    async fn state(&self, b: &Booking) -> (PayStatus, TradeState) {
+    async fn state(&self, b: &Booked) -> (PayStatus, TradeState) {
         let mut c = self.conn().await;
         let p = payments::find_by_sn(&mut c, &b.payment).await.unwrap().unwrap().status();
         let o = storage::orders::find_by_sn(&mut c, &b.order).await.unwrap().unwrap().state();
@@ -92,36 +95,29 @@ impl Env {
     }
 
     /// A real prepay at the sandbox, recorded as the ingress records it. Returns the stored prepay time.
-    async fn prepay(&self, b: &Booking) -> DateTime<Utc> {
+    async fn prepay(&self, b: &Booked) -> DateTime<Utc> {
         let openid = OpenId::new("oUpF8uMuAJO_M2pxb1Q9zNjWeS6o").unwrap();
-        let req = self.pay.new_prepay_request("Lakeside cabin", b.payment.as_str(), b.total, openid);
+        let req = self.pay.new_prepay_request("Lakeside cabin", b.payment.as_str(), common::TOTAL, openid);
         let prepay = self.pay.prepay_jsapi(&req).await.unwrap();
         self.record_prepay(b, &prepay.prepay_id).await
     }
 
     /// Records a prepay (whether WeChat saw it or not). Millisecond precision, so the stored time is exactly the
     /// returned one and schedule arithmetic in the tests is exact.
-    async fn record_prepay(&self, b: &Booking, prepay_id: &str) -> DateTime<Utc> {
+    async fn record_prepay(&self, b: &Booked, prepay_id: &str) -> DateTime<Utc> {
         let at = Utc::now().trunc_subsecs(3);
         assert!(payments::record_prepay(&mut *self.conn().await, &b.payment, prepay_id, at).await.unwrap());
         at
     }
 }
 
-struct Booking {
-    order: OrderSn,
-    payment: PaymentSn,
-    total: i64,
-}
-
-async fn book(conn: &mut Conn) -> Booking {
+async fn book(conn: &mut Conn) -> Booked {
     let deadline = Utc::now() + TimeDelta::minutes(30);
-    let b = common::booking(conn, &testkit::unique("openid-"), None, deadline).await;
-    Booking { order: b.order, payment: b.payment, total: common::TOTAL }
+    common::booking(conn, &testkit::unique("openid-"), None, deadline).await
 }
 
 /// The user pays at WeChat, but WeChat never manages to call us back.
-async fn pay_without_callbacks(env: &Env, b: &Booking) {
+async fn pay_without_callbacks(env: &Env, b: &Booked) {
     let control = env.sandbox.control();
     control.fault(&Fault::DropCallbacks { out_trade_no: b.payment.to_string() }).await.unwrap();
     control.pay(b.payment.as_str(), "SUCCESS").await.unwrap();
@@ -133,7 +129,7 @@ async fn pay_without_callbacks(env: &Env, b: &Booking) {
     .await;
 }
 
-async fn until_paid(env: &Env, b: &Booking) {
+async fn until_paid(env: &Env, b: &Booked) {
     testkit::eventually(Duration::from_secs(20), "order paid", || async {
         (env.state(b).await == (PayStatus::Paid, TradeState::WaitUse)).then_some(())
     })

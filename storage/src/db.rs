@@ -252,7 +252,13 @@ pub fn pool(cfg: &DbConfig) -> Result<PgPool> {
         .map_err(|e| StorageError::Unavailable(e.to_string()))
 }
 
-/// One dedicated connection (LISTEN needs a connection of its own, outside the pool), with the pool's TLS.
+/// A connection made by the pool (same TLS) and detached from it for good: for a session that must outlive a pooled
+/// borrow, such as LISTEN. The pool makes a new one in its place.
+pub async fn detach(pool: &PgPool) -> Result<AsyncPgConnection> {
+    Ok(deadpool::Object::take(pool.get().await?))
+}
+
+/// One connection outside any pool (migrations, tools), with the configured TLS.
 pub async fn connect(cfg: &DbConfig) -> Result<AsyncPgConnection> {
     Connector::new(cfg)?.establish(cfg.url.expose_secret()).await.map_err(|e| StorageError::Unavailable(e.to_string()))
 }

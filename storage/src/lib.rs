@@ -16,7 +16,7 @@ pub mod refunds;
 pub mod schema;
 pub mod users;
 
-pub use db::{Conn, DbConfig, DbTls, PgPool, PooledConn, Result, StorageError, connect, migrate, pool};
+pub use db::{Conn, DbConfig, DbTls, PgPool, PooledConn, Result, StorageError, connect, detach, migrate, pool};
 pub use diesel_async::{AsyncConnection, RunQueryDsl};
 pub use domain::{
     AuthType, DomainError, Fen, HomestayId, OrderId, OrderSn, PayStatus, PaymentSn, RefundSn, RefundStatus, TradeState,

@@ -2,6 +2,7 @@
 //! row (head) it locked, another relay never gets rows of those aggregates while the first holds them, and every
 //! aggregate's rows come back in id order.
 
+use diesel_async::RunQueryDsl;
 use storage::{Conn, outbox};
 use testkit::TestDb;
 
@@ -42,14 +43,14 @@ async fn two_relays_never_hold_the_same_aggregate_and_each_gets_it_in_order() {
     assert_eq!(ids["a"].len() + ids["b"].len() + ids["c"].len(), 6);
 
     let (mut one, mut two) = (connect(&db).await, connect(&db).await);
-    diesel::sql_query("BEGIN").execute_on(&mut one).await;
+    diesel::sql_query("BEGIN").execute(&mut one).await.unwrap();
     // Relay one takes one aggregate: the one with the oldest head, a, with all its rows in order.
     let first = claim(&mut one, 1, 100).await;
     assert_eq!(of(&first, "a"), ids["a"]);
     assert!(of(&first, "b").is_empty() && of(&first, "c").is_empty(), "{first:?}");
 
     // While one holds a's head, relay two gets b and c, in order, and nothing of a (a2 and a3 are not heads).
-    diesel::sql_query("BEGIN").execute_on(&mut two).await;
+    diesel::sql_query("BEGIN").execute(&mut two).await.unwrap();
     let second = claim(&mut two, 100, 100).await;
     assert!(of(&second, "a").is_empty(), "two took rows of an aggregate one holds: {second:?}");
     assert_eq!(of(&second, "b"), ids["b"]);
@@ -59,21 +60,9 @@ async fn two_relays_never_hold_the_same_aggregate_and_each_gets_it_in_order() {
 
     // One publishes a1 only (the row limit cut a's tail) and commits; a2 becomes a's head, free for anyone.
     outbox::delete(&mut one, &ids["a"][..1]).await.unwrap();
-    diesel::sql_query("COMMIT").execute_on(&mut one).await;
-    diesel::sql_query("ROLLBACK").execute_on(&mut two).await;
+    diesel::sql_query("COMMIT").execute(&mut one).await.unwrap();
+    diesel::sql_query("ROLLBACK").execute(&mut two).await.unwrap();
     let third = claim(&mut one, 100, 100).await;
     assert_eq!(of(&third, "a"), ids["a"][1..]);
     assert_eq!(of(&third, "b"), ids["b"]);
-}
-
-/// `diesel::sql_query(..).execute_on(conn)`: a statement whose result does not matter beyond success.
-trait ExecuteOn {
-    async fn execute_on(self, conn: &mut Conn);
-}
-
-impl ExecuteOn for diesel::query_builder::SqlQuery {
-    async fn execute_on(self, conn: &mut Conn) {
-        use diesel_async::RunQueryDsl;
-        self.execute(conn).await.unwrap();
-    }
 }

@@ -50,7 +50,6 @@ pub fn consumer_config(concurrency: usize) -> ConsumerConfig {
 
 /// The outbox relay, the payment processor (for merchant `appid`/`mchid`) and the order processor, until `token`.
 pub fn start_pipeline(
-    db_url: &str,
     pool: &PgPool,
     publisher: &Publisher,
     (appid, mchid): (&str, &str),
@@ -59,7 +58,6 @@ pub fn start_pipeline(
 ) -> Vec<JoinHandle<()>> {
     let relay = Relay::new(
         pool.clone(),
-        storage::DbConfig::new(db_url),
         publisher.clone(),
         OutboxConfig { poll_interval: Duration::from_millis(200), ..Default::default() },
     );
