@@ -6,9 +6,10 @@
 #      PodMonitor, PrometheusRule, the CloudNativePG Cluster) have no schema here: step 3 checks their required fields;
 #   3. runs scripts/k8s_promises.py: security contexts, resources, probes, no Secret objects and no literal secrets,
 #      every role deployed, every metrics port scraped, PDBs and spread, the Ingress's paths, the NATS chart values,
-#      prometheusrule.yaml in sync with alerts.yml, and each overlay's paystream.toml accepted by the binary
+#      the HPA's metric against prometheus-adapter's rules, and each overlay's paystream.toml accepted by the binary
 #      (`paystream config`, with each role's environment; $PAYSTREAM_BIN, default target/debug/paystream);
 #   4. runs k8s/tests/test_promises.py: seeded faults the promise checker must catch.
+#   Also checks that k8s/observability/prometheusrule.yaml is what scripts/k8s-prometheusrule.py makes of alerts.yml.
 #
 # kubectl: from PATH, else (as root with apt-get) the `kubectl` package (Kubernetes' apt repository) or Debian's
 # `kubernetes-client`. Python tools go into .run/tools/venv (pip install kubernetes-validate pyyaml).
@@ -96,7 +97,10 @@ print(f"[check-k8s] Kubernetes {version} schemas (strict): {checked} objects val
 sys.exit(1 if errors else 0)
 EOF
 
-# 3. Promises.
+# 3. Promises, and the PrometheusRule generated from the tested alert rules still matching them.
+"$venv/bin/python" "$root/scripts/k8s-prometheusrule.py" --check \
+  || die "k8s/observability/prometheusrule.yaml is out of date: run scripts/k8s-prometheusrule.py"
+log "prometheusrule.yaml is in sync with alerts.yml"
 "$venv/bin/python" "$root/scripts/k8s_promises.py" "$out/dev.yaml" "$out/prod.yaml" "$out/observability.yaml" \
   "$root/k8s/observability/prometheus-adapter-values.yaml" "$root/k8s/postgres/cluster.yaml" "$root/k8s/nats/values.yaml"
 

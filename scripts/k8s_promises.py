@@ -2,10 +2,11 @@
 """Checks the promises of paystream's Kubernetes manifests on their rendered form (scripts/check-k8s.sh renders them).
 
     python3 scripts/k8s_promises.py .run/k8s/dev.yaml .run/k8s/prod.yaml .run/k8s/observability.yaml \
-        k8s/postgres/cluster.yaml k8s/nats/values.yaml
+        k8s/observability/prometheus-adapter-values.yaml k8s/postgres/cluster.yaml k8s/nats/values.yaml
 
 A file holding Deployments is an overlay, named by its file name without extension (`prod` gets the production
-rules). Other files contribute monitors, rules, dashboards, the CloudNativePG cluster and the NATS chart values.
+rules). Other files contribute monitors, rules, dashboards, the CloudNativePG cluster, the prometheus-adapter values
+and the NATS chart values.
 Every failure is printed as `FAIL <where>: <what>`; the exit status is 1 if there is any.
 
 The binary (`$PAYSTREAM_BIN`, default target/debug/paystream) names the roles (`paystream --help`) and judges each
@@ -32,7 +33,9 @@ CONFIG_PATH = "/etc/paystream/paystream.toml"
 ADMIN_PORT = 9090
 
 # Commands of `paystream --help` that are tools or development aids, not long-running production roles.
-NOT_ROLES = {"all", "config", "demo", "dlq", "bench", "sandbox", "help", "migrate"}
+# Subcommands that are tools, not roles to deploy.
+TOOLS = {"all", "config", "demo", "dlq", "bench"}
+NOT_ROLES = TOOLS | {"sandbox", "help", "migrate"}
 # Where the roles come from when the binary is missing (kept equal to `paystream --help`; checked when it is there).
 KNOWN_ROLES = [["ingress"], ["notifier"], ["relay"], ["processor", "payment"], ["processor", "order"],
                ["processor", "lifecycle"]]
@@ -64,8 +67,11 @@ def warn(what: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
 
+Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: ten times faster
+
+
 def load(path: Path) -> list[dict]:
-    return [d for d in yaml.safe_load_all(path.read_text()) if isinstance(d, dict)]
+    return [d for d in yaml.load_all(path.read_text(), Loader=Loader) if isinstance(d, dict)]
 
 
 def ident(obj: dict) -> str:
@@ -240,20 +246,17 @@ def dummy_secret(name: str) -> str:
     return "dummy-secret-value"
 
 
-def role_environment(overlay: str, pod_spec: dict, c: dict, configmaps: dict) -> tuple[dict, list[str]]:
+def role_environment(where: str, c: dict, configmaps: dict) -> dict[str, str]:
     """The environment the container would get, with dummy values for Secret references."""
     env: dict[str, str] = {}
-    notes: list[str] = []
     for src in c.get("envFrom") or []:
         if "configMapRef" in src:
             ref = src["configMapRef"]["name"]
             if ref not in configmaps:
                 if not src["configMapRef"].get("optional"):
-                    fail(f"{overlay} container {c.get('name')}", f"envFrom ConfigMap {ref} is not in the overlay")
+                    fail(f"{where} container {c.get('name')}", f"envFrom ConfigMap {ref} is not in the overlay")
                 continue
             env.update({k: str(v) for k, v in (configmaps[ref].get("data") or {}).items()})
-        elif "secretRef" in src:
-            notes.append(f"envFrom Secret {src['secretRef']['name']} (values unknown here)")
     for e in c.get("env") or []:
         name = e["name"]
         if "value" in e:
@@ -268,31 +271,30 @@ def role_environment(overlay: str, pod_spec: dict, c: dict, configmaps: dict) ->
             if cm is not None and ref["key"] in (cm.get("data") or {}):
                 env[name] = str(cm["data"][ref["key"]])
             elif not ref.get("optional"):
-                fail(f"{overlay} container {c.get('name')}", f"env {name}: ConfigMap {ref['name']} key {ref['key']} "
-                                                            "is not in the overlay")
-    return env, notes
+                fail(f"{where} container {c.get('name')}", f"env {name}: ConfigMap {ref['name']} key {ref['key']} "
+                                                          "is not in the overlay")
+    return env
 
 
-def run_config(where: str, toml_text: str, env: dict, role: list[str]) -> tuple[bool, str]:
-    with tempfile.TemporaryDirectory(prefix="k8s-promises-") as tmp:
-        cfg = Path(tmp) / "paystream.toml"
-        cfg.write_text(toml_text)
-        clean = {k: v for k, v in os.environ.items()
-                 if not k.startswith("PAYSTREAM") and not k.startswith("OTEL_") and k != "RUST_LOG"}
-        clean.update(env)
-        clean["PAYSTREAM_CONFIG"] = str(cfg)
-        clean["PAYSTREAM__TELEMETRY__LOG_FILTER"] = "warn"
-        # As the role reads it: only the sections it uses, so only their secrets are needed.
-        p = subprocess.run([str(BIN), "--config", str(cfg), "config", "--role", *role], capture_output=True,
-                           text=True, env=clean,
-                           timeout=60)
-        return p.returncode == 0, (p.stderr.strip() or p.stdout.strip())[-2000:]
+def run_config(cfg: Path, env: dict, role: list[str]) -> tuple[bool, str]:
+    """`paystream config --role …` on the file `cfg` with exactly `env` (of the caller's environment, nothing that
+    configures paystream)."""
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith("PAYSTREAM") and not k.startswith("OTEL_") and k != "RUST_LOG"}
+    clean.update(env)
+    clean["PAYSTREAM_CONFIG"] = str(cfg)
+    clean["PAYSTREAM__TELEMETRY__LOG_FILTER"] = "warn"
+    # As the role reads it: only the sections it uses, so only their secrets are needed.
+    p = subprocess.run([str(BIN), "--config", str(cfg), "config", "--role", *role], capture_output=True, text=True,
+                       env=clean, timeout=60)
+    return p.returncode == 0, (p.stderr.strip() or p.stdout.strip())[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # overlays
 
-def check_overlay(name: str, docs: list[dict], roles: list[list[str]], monitors: list[dict]) -> None:
+def check_overlay(name: str, docs: list[dict], roles: list[list[str]], monitors: list[dict],
+                  adapter_metrics: set[str] | None) -> None:
     prod = "prod" in name
     by_kind: dict[str, list[dict]] = {}
     for d in docs:
@@ -325,6 +327,11 @@ def check_overlay(name: str, docs: list[dict], roles: list[list[str]], monitors:
         if img is None or img.endswith(":latest") or ":" not in img.rsplit("/", 1)[-1]:
             fail(name, f"paystream image {img!r} is not pinned to a version")
 
+    # Every paystream role container (the sandbox is WeChat, not paystream) with the environment it would get.
+    runs = [(w, pod_template(w)["spec"], c, role_environment(f"{name} {ident(w)}", c, configmaps))
+            for w in workloads for c in pod_template(w)["spec"].get("containers") or []
+            if is_paystream(c, images) and role_args(c)[:1] != ["sandbox"]]
+
     # Which workload plays which role.
     deployed: dict[tuple, list[str]] = {}
     toml_text: str | None = None
@@ -342,7 +349,7 @@ def check_overlay(name: str, docs: list[dict], roles: list[list[str]], monitors:
                 continue
             deployed.setdefault(tuple(words[:2] if words[0] == "processor" else words[:1]), []).append(
                 f"{w['kind']}/{w['metadata']['name']}")
-            if words[0] in ("all", "demo", "bench", "config", "dlq"):
+            if words[0] in TOOLS:
                 fail(f"{name} {ident(w)}", f"`paystream {words[0]}` is not a production role")
             if words[0] == "sandbox":
                 if prod:
@@ -474,13 +481,12 @@ def check_overlay(name: str, docs: list[dict], roles: list[list[str]], monitors:
             if not rate:
                 fail(where, "the ingress's HPA does not scale on request rate (a Pods metric)")
             for metric in rate:
-                if ADAPTER_METRICS is not None and metric not in ADAPTER_METRICS:
+                if adapter_metrics is None:
+                    fail(where, "no prometheus-adapter values were given to check the HPA's Pods metric against")
+                elif metric not in adapter_metrics:
                     fail(where, f"the HPA's Pods metric {metric} is served by no prometheus-adapter rule "
-                                f"(k8s/observability/prometheus-adapter-values.yaml serves {sorted(ADAPTER_METRICS)})")
-        for c in spec.get("containers") or []:
-            if not is_paystream(c, images) or role_args(c)[:1] == ["sandbox"]:
-                continue
-            env, _ = role_environment(name, spec, c, configmaps)
+                                f"(k8s/observability/prometheus-adapter-values.yaml serves {sorted(adapter_metrics)})")
+        for c, env in ((c, env) for w, _, c, env in runs if w is d):
             listen = env.get("PAYSTREAM__ADMIN__LISTEN") or (cfg.get("admin") or {}).get("listen", "127.0.0.1:9090")
             host, _, port = listen.rpartition(":")
             if host not in ("0.0.0.0", "[::]", "::"):
@@ -553,11 +559,8 @@ def check_overlay(name: str, docs: list[dict], roles: list[list[str]], monitors:
     database = cfg.get("database") or {}
     if database.get("tls", "disable") != "verify-full":
         fail(name, f"database.tls is {database.get('tls', 'disable')!r}: PostgreSQL traffic must be verified TLS")
-    for w in workloads:
-        for c in pod_template(w)["spec"].get("containers") or []:
-            if is_paystream(c, images) and role_args(c)[:1] != ["sandbox"]:
-                check_key_files(f"{name} {ident(w)}", pod_template(w)["spec"], c,
-                                {"database.ca_file": database.get("ca_file")})
+    for w, spec, c, _ in runs:
+        check_key_files(f"{name} {ident(w)}", spec, c, {"database.ca_file": database.get("ca_file")})
     for w in workloads:
         for v in pod_template(w)["spec"].get("volumes") or []:
             for item in (v.get("secret") or {}).get("items") or []:
@@ -569,13 +572,11 @@ def check_overlay(name: str, docs: list[dict], roles: list[list[str]], monitors:
         warn(f"{BIN} not found: the {name} configuration was NOT checked by `paystream config` (build it first)")
         return
     checked = secrets_checked = 0
-    for w in workloads:
-        spec = pod_template(w)["spec"]
-        for c in spec.get("containers") or []:
-            if not is_paystream(c, images) or role_args(c)[:1] == ["sandbox"]:
-                continue
-            env, notes = role_environment(name, spec, c, configmaps)
-            good, out = run_config(f"{name} {ident(w)}", toml_text, env, role_args(c)[:2])
+    with tempfile.TemporaryDirectory(prefix="k8s-promises-") as tmp:
+        cfg_file = Path(tmp) / "paystream.toml"
+        cfg_file.write_text(toml_text)
+        for w, _, c, env in runs:
+            good, out = run_config(cfg_file, env, role_args(c)[:2])
             if not good:
                 fail(f"{name} {ident(w)}", f"`paystream config` refuses the configuration with this role's "
                                            f"environment: {out}")
@@ -586,8 +587,7 @@ def check_overlay(name: str, docs: list[dict], roles: list[list[str]], monitors:
                 ref = (e.get("valueFrom") or {}).get("secretKeyRef")
                 if not ref or ref.get("optional"):
                     continue
-                without = {k: v for k, v in env.items() if k != e["name"]}
-                needed, _ = run_config(f"{name} {ident(w)}", toml_text, without, role_args(c)[:2])
+                needed, _ = run_config(cfg_file, {k: v for k, v in env.items() if k != e["name"]}, role_args(c)[:2])
                 if needed:
                     fail(f"{name} {ident(w)}", f"is given Secret {ref.get('name')} key {ref.get('key')} "
                                                f"({e['name']}) which its role does not need")
@@ -704,16 +704,13 @@ def check_custom(obj: dict, where: str) -> None:
     ok(f"{where}: required fields present")
 
 
-ADAPTER_METRICS: set[str] | None = None
-
-
-def check_adapter_values(path: Path) -> None:
-    """prometheus-adapter's rules: each serves a metric paystream exports (observability/metrics.txt)."""
-    global ADAPTER_METRICS
+def check_adapter_values(path: Path) -> set[str]:
+    """prometheus-adapter's rules: each serves a metric paystream exports (observability/metrics.txt). Returns the
+    names of the metrics they serve."""
     v = yaml.safe_load(path.read_text()) or {}
     where = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
     exported = set((ROOT / "k8s/observability/metrics.txt").read_text().split())
-    ADAPTER_METRICS = set()
+    served_metrics: set[str] = set()
     for rule in (v.get("rules") or {}).get("custom") or []:
         series = re.match(r"\s*'?([a-zA-Z_:][a-zA-Z0-9_:]*)", str(rule.get("seriesQuery", "")))
         if not series or series.group(1) not in exported:
@@ -722,10 +719,11 @@ def check_adapter_values(path: Path) -> None:
         if not served or "<<.Series>>" not in str(rule.get("metricsQuery", "")):
             fail(where, f"rule on {rule.get('seriesQuery')!r} needs name.as and a metricsQuery over <<.Series>>")
         else:
-            ADAPTER_METRICS.add(served)
-    if not ADAPTER_METRICS:
+            served_metrics.add(served)
+    if not served_metrics:
         fail(where, "no custom rule: the ingress's request-rate HPA would have no metric")
-    ok(f"{where}: prometheus-adapter serves {', '.join(sorted(ADAPTER_METRICS))} from exported metrics")
+    ok(f"{where}: prometheus-adapter serves {', '.join(sorted(served_metrics))} from exported metrics")
+    return served_metrics
 
 
 def check_nats_values(path: Path) -> None:
@@ -787,15 +785,6 @@ def check_dashboards(docs: list[dict]) -> None:
         ok("the dashboard ConfigMap is labelled grafana_dashboard: \"1\"")
 
 
-def check_prometheusrule_sync() -> None:
-    p = subprocess.run([sys.executable, str(ROOT / "scripts/k8s-prometheusrule.py"), "--check"], capture_output=True,
-                       text=True)
-    if p.returncode != 0:
-        fail("k8s/observability/prometheusrule.yaml", p.stderr.strip() or p.stdout.strip())
-    else:
-        ok("prometheusrule.yaml is in sync with alerts.yml")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 
 def main(argv: list[str]) -> int:
@@ -812,6 +801,7 @@ def main(argv: list[str]) -> int:
             warn(f"`paystream --help` lists roles {roles}, the built-in fallback list is {KNOWN_ROLES}: update it")
 
     overlays: dict[str, list[dict]] = {}
+    adapter_metrics: set[str] | None = None
     extra: list[dict] = []
     for arg in argv:
         path = Path(arg)
@@ -819,7 +809,7 @@ def main(argv: list[str]) -> int:
             check_nats_values(path)
             continue
         if path.name == "prometheus-adapter-values.yaml":
-            check_adapter_values(path)
+            adapter_metrics = check_adapter_values(path)
             continue
         docs = load(path)
         if any(d.get("kind") == "Deployment" for d in docs):
@@ -836,11 +826,10 @@ def main(argv: list[str]) -> int:
     if extra and any(d.get("kind") == "Secret" for d in extra):
         fail("observability", "a Secret object among the manifests")
     check_dashboards(extra)
-    check_prometheusrule_sync()
     if not {"dev", "prod"} <= set(overlays):
         fail("overlays", f"expected the dev and prod overlays, got {sorted(overlays)}")
     for name, docs in overlays.items():
-        check_overlay(name, docs, roles, monitors)
+        check_overlay(name, docs, roles, monitors, adapter_metrics)
 
     for p in passes:
         print(f"ok   {p}")

@@ -260,12 +260,8 @@ impl<H: Handler> Ctx<H> {
             Ok(e) => e,
             Err(reason) => return self.dead_letter(&msg, &delivery, &stream, &format!("poison: {reason}")).await,
         };
-        // One span per delivery, continuing the producer's trace (the header, else the envelope's own copy).
-        let traceparent = delivery
-            .headers
-            .get(headers::TRACEPARENT)
-            .map(|v| v.as_str().to_owned())
-            .or_else(|| event.traceparent.clone());
+        // One span per delivery, continuing the producer's trace (the envelope's `traceparent`, which the NATS
+        // header copies).
         let span = tracing::info_span!(
             "consume",
             otel.name = %format!("consume {name}"),
@@ -277,10 +273,7 @@ impl<H: Handler> Ctx<H> {
             delivered,
             trace_id = tracing::field::Empty,
         );
-        observability::trace::continue_trace(&span, traceparent.as_deref());
-        if let Some(id) = observability::trace::trace_id_of(&span) {
-            span.record("trace_id", id.as_str());
-        }
+        observability::trace::continue_trace(&span, event.traceparent.as_deref());
         self.handle_traced(msg, delivery, stream, event).instrument(span).await;
     }
 

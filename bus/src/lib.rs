@@ -54,7 +54,14 @@ impl From<diesel::result::Error> for BusError {
 /// that does not answer is waited for: the client keeps trying in the background, and `/readyz` says not ready.
 pub async fn connect(cfg: &NatsConfig) -> Result<(async_nats::Client, async_nats::jetstream::Context), BusError> {
     use async_nats::ConnectErrorKind as Kind;
-    let client = match options(cfg).await?.connect(cfg.servers()).await {
+    for (key, path) in [("nats.tls_ca_file", &cfg.tls_ca_file), ("nats.tls_cert_file", &cfg.tls_cert_file)] {
+        if let Some(p) = path
+            && !p.is_file()
+        {
+            return Err(BusError::Config(format!("{key} {} does not exist", p.display())));
+        }
+    }
+    let client = match options(cfg).connect(cfg.servers()).await {
         Ok(client) => client,
         Err(e) if matches!(e.kind(), Kind::AuthorizationViolation | Kind::Authentication) => {
             return Err(BusError::Config(format!("NATS at {} refused paystream: {e}", cfg.url)));
@@ -66,7 +73,6 @@ pub async fn connect(cfg: &NatsConfig) -> Result<(async_nats::Client, async_nats
             tracing::warn!(error = %e, url = %cfg.url, "NATS not reachable yet; retrying in the background");
             // Keep reconnecting forever: a worker outliving a NATS restart is the point.
             options(cfg)
-                .await?
                 .retry_on_initial_connect()
                 .connect(cfg.servers())
                 .await
@@ -90,7 +96,7 @@ fn tls_refused(e: &async_nats::ConnectError) -> bool {
 /// The connection options of `cfg`: credentials, TLS, and a log line for every connection event.
 /// (NATS decentralized auth with `.creds` files is not supported: it needs async-nats's `nkeys` feature and an
 /// operator setup to test against; user/password, token and TLS client certificates cover the Helm chart's modes.)
-async fn options(cfg: &NatsConfig) -> Result<async_nats::ConnectOptions, BusError> {
+fn options(cfg: &NatsConfig) -> async_nats::ConnectOptions {
     use secrecy::ExposeSecret as _;
     let mut opts = match (&cfg.user, &cfg.password, &cfg.token) {
         (Some(user), Some(password), _) => {
@@ -99,20 +105,13 @@ async fn options(cfg: &NatsConfig) -> Result<async_nats::ConnectOptions, BusErro
         (_, _, Some(token)) => async_nats::ConnectOptions::with_token(token.expose_secret().to_owned()),
         _ => async_nats::ConnectOptions::new(),
     };
-    for (key, path) in [("nats.tls_ca_file", &cfg.tls_ca_file), ("nats.tls_cert_file", &cfg.tls_cert_file)] {
-        if let Some(p) = path
-            && !p.is_file()
-        {
-            return Err(BusError::Config(format!("{key} {} does not exist", p.display())));
-        }
-    }
     if let Some(ca) = &cfg.tls_ca_file {
         opts = opts.add_root_certificates(ca.clone());
     }
     if let (Some(cert), Some(key)) = (&cfg.tls_cert_file, &cfg.tls_key_file) {
         opts = opts.add_client_certificate(cert.clone(), key.clone());
     }
-    Ok(opts.require_tls(cfg.require_tls).name("paystream").connection_timeout(Duration::from_secs(5)).event_callback(
+    opts.require_tls(cfg.require_tls).name("paystream").connection_timeout(Duration::from_secs(5)).event_callback(
         |event| async move {
             match event {
                 async_nats::Event::ServerError(e) => tracing::error!(error = %e, "NATS server error"),
@@ -121,5 +120,5 @@ async fn options(cfg: &NatsConfig) -> Result<async_nats::ConnectOptions, BusErro
                 other => tracing::info!(event = %other, "NATS connection"),
             }
         },
-    ))
+    )
 }

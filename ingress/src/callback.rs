@@ -98,11 +98,7 @@ pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
                 out_refund_no: r.out_refund_no,
                 refund_id: r.refund_id,
                 status: r.refund_status.as_str().to_owned(),
-                success_time: r
-                    .success_time
-                    .as_deref()
-                    .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
-                    .map(|d| d.with_timezone(&chrono::Utc)),
+                success_time: r.success_time.as_deref().and_then(wechat::wechat_time),
                 amount_refund: r.amount.refund,
                 amount_total: r.amount.total,
             };

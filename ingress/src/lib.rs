@@ -122,11 +122,11 @@ pub fn router(deps: Deps) -> Router {
         .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
             let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default();
-            // The path only: bodies and headers carry tokens, mobiles and openids, and are never logged. Paths
-            // hold no identifiers (every argument is in the body), so the path is also a bounded span name.
+            // The path only: bodies and headers carry tokens, mobiles and openids, and are never logged. The span
+            // is named by route template (as the metrics are), so a scanner's paths cannot grow the set of names.
             let span = tracing::info_span!(
                 "http",
-                otel.name = %format!("{} {}", req.method(), req.uri().path()),
+                otel.name = %format!("{} {}", req.method(), metrics::route_label(req)),
                 otel.kind = "server",
                 method = %req.method(),
                 path = %req.uri().path(),
@@ -136,9 +136,6 @@ pub fn router(deps: Deps) -> Router {
             // A caller that sends `traceparent` (a gateway, the mini-program's own tracing) gets its trace continued.
             let parent = req.headers().get("traceparent").and_then(|v| v.to_str().ok());
             observability::trace::continue_trace(&span, parent);
-            if let Some(t) = observability::trace::trace_id_of(&span) {
-                span.record("trace_id", t.as_str());
-            }
             span
         }))
         .layer(axum::middleware::from_fn(traceparent_header))

@@ -117,10 +117,15 @@ fn method_label(m: &Method) -> &'static str {
     }
 }
 
-/// Counts and times every request under its route template; paths no route matched share `unmatched`, so a
-/// scanner cannot grow the label set.
+/// The route template a request matched; paths no route matched share `unmatched`, so a scanner cannot grow the set
+/// of labels or span names.
+pub fn route_label<B>(req: &axum::http::Request<B>) -> String {
+    req.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned())
+}
+
+/// Counts and times every request under its route template.
 pub async fn track(req: Request, next: Next) -> Response {
-    let route = req.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let route = route_label(&req);
     let method = method_label(req.method());
     let started = Instant::now();
     let resp = next.run(req).await;

@@ -19,8 +19,6 @@ ROOT = Path(__file__).resolve().parents[2]
 CHECKER = ROOT / "scripts/k8s_promises.py"
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 Dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-ROLES = ["paystream-ingress", "paystream-processor-payment", "paystream-processor-order",
-         "paystream-processor-lifecycle", "paystream-notifier", "paystream-relay"]
 
 
 def find(docs, kind, name):

@@ -74,6 +74,8 @@ use sms::Sms;
 pub const MINIPROGRAM_CONSUMER: &str = "notifier-miniprogram";
 /// Durable consumer of `notify.sms`.
 pub const SMS_CONSUMER: &str = "notifier-sms";
+/// Every durable consumer the notifier runs.
+pub const CONSUMERS: [&str; 2] = [MINIPROGRAM_CONSUMER, SMS_CONSUMER];
 
 /// Errors that stop the notifier.
 #[derive(Debug, thiserror::Error)]

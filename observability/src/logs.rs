@@ -3,7 +3,7 @@ use std::io::IsTerminal;
 use serde::Deserialize;
 use tracing_subscriber::{EnvFilter, Layer as _, fmt, layer::SubscriberExt, util::SubscriberInitExt};
 
-use crate::trace::{TraceSettings, tracer};
+use crate::trace::{Export, TraceSettings, tracer};
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -52,8 +52,14 @@ impl TelemetryConfig {
     }
 
     fn trace_settings(&self) -> TraceSettings {
-        let env = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok().filter(|v| !v.trim().is_empty());
-        TraceSettings { endpoint: env.or_else(|| self.otlp_endpoint.clone()), sampling_ratio: self.sampling_ratio }
+        // The environment wins over the file, as the OpenTelemetry specification has it.
+        let set = |var: &str| std::env::var(var).is_ok_and(|v| !v.trim().is_empty());
+        let export = if set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") || set("OTEL_EXPORTER_OTLP_ENDPOINT") {
+            Export::FromEnvironment
+        } else {
+            self.otlp_endpoint.clone().map_or(Export::Off, Export::To)
+        };
+        TraceSettings { export, sampling_ratio: self.sampling_ratio }
     }
 }
 
@@ -103,7 +109,7 @@ pub fn init(service: &'static str, cfg: &TelemetryConfig) {
 /// everything at `TEST_LOG`'s level, default `debug`, goes to the test's captured output).
 pub fn init_for_tests() {
     let otel = tracing_opentelemetry::layer()
-        .with_tracer(tracer("paystream-test", &TraceSettings { endpoint: None, sampling_ratio: 1.0 }))
+        .with_tracer(tracer("paystream-test", &TraceSettings { export: Export::Off, sampling_ratio: 1.0 }))
         .with_filter(trace_filter());
     let logs = std::env::var("TEST_LOG").ok().map(|level| {
         let level = if level.is_empty() || level == "1" { "debug".to_string() } else { level };

@@ -22,10 +22,20 @@ static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
 /// Where spans go and how many.
 #[derive(Debug, Clone)]
 pub(crate) struct TraceSettings {
-    /// OTLP/HTTP base URL (the exporter appends `/v1/traces`); `None`: spans are not exported.
-    pub endpoint: Option<String>,
+    pub export: Export,
     /// Share of new traces recorded (a continued trace follows its parent's decision).
     pub sampling_ratio: f64,
+}
+
+/// Whether and where spans are exported over OTLP/HTTP.
+#[derive(Debug, Clone)]
+pub(crate) enum Export {
+    Off,
+    /// Where the standard variables say: the exporter reads `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, else
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` with `/v1/traces` appended.
+    FromEnvironment,
+    /// `telemetry.otlp_endpoint`, a base URL (`/v1/traces` is appended).
+    To(String),
 }
 
 /// Builds the process-wide provider (once) and returns a tracer for the `tracing` bridge.
@@ -37,16 +47,21 @@ pub(crate) fn tracer(service: &'static str, settings: &TraceSettings) -> opentel
             .build();
         let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(settings.sampling_ratio)));
         let mut builder = SdkTracerProvider::builder().with_sampler(sampler).with_resource(resource);
-        if let Some(endpoint) = &settings.endpoint {
-            use opentelemetry_otlp::WithExportConfig as _;
-            let traces = format!("{}/v1/traces", endpoint.trim_end_matches('/'));
-            match opentelemetry_otlp::SpanExporter::builder().with_http().with_endpoint(traces).build() {
-                Ok(exporter) => builder = builder.with_batch_exporter(exporter),
-                // Telemetry must never stop a payment service: say so and run without export.
-                Err(e) => eprintln!("paystream: OTLP exporter not started ({e}); traces are not exported"),
+        let exporter = match &settings.export {
+            Export::Off => None,
+            Export::FromEnvironment => Some(opentelemetry_otlp::SpanExporter::builder().with_http().build()),
+            Export::To(endpoint) => {
+                use opentelemetry_otlp::WithExportConfig as _;
+                let traces = format!("{}/v1/traces", endpoint.trim_end_matches('/'));
+                Some(opentelemetry_otlp::SpanExporter::builder().with_http().with_endpoint(traces).build())
             }
+        };
+        match exporter {
+            Some(Ok(exporter)) => builder = builder.with_batch_exporter(exporter),
+            // Telemetry must never stop a payment service: say so and run without export.
+            Some(Err(e)) => eprintln!("paystream: OTLP exporter not started ({e}); traces are not exported"),
+            None => {}
         }
-        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
         builder.build()
     });
     provider.tracer("paystream")
@@ -55,7 +70,7 @@ pub(crate) fn tracer(service: &'static str, settings: &TraceSettings) -> opentel
 /// Exports what is still buffered; call before the process exits.
 pub fn shutdown() {
     if let Some(p) = PROVIDER.get() {
-        let _ = p.force_flush();
+        // Shutting down flushes the batch processor first.
         let _ = p.shutdown();
     }
 }
@@ -66,7 +81,7 @@ pub fn current_traceparent() -> Option<String> {
 }
 
 /// The W3C `traceparent` of `span`.
-pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
+fn traceparent_of(span: &tracing::Span) -> Option<String> {
     let cx = span.context();
     if !cx.span().span_context().is_valid() {
         return None;
@@ -76,19 +91,24 @@ pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
     carrier.remove("traceparent")
 }
 
-/// Makes `span` a child of the producer whose `traceparent` it got (a message header, an HTTP header). A missing or
-/// malformed value leaves `span` the root of a new trace.
+/// Makes `span` a child of the producer whose `traceparent` it got (a message header, an HTTP header), and records
+/// the trace id in its `trace_id` field (when it declares one) so log lines carry it. A missing or malformed value
+/// leaves `span` the root of a new trace.
 pub fn continue_trace(span: &tracing::Span, traceparent: Option<&str>) {
-    let Some(tp) = traceparent else { return };
-    let carrier = HashMap::from([("traceparent".to_owned(), tp.to_owned())]);
-    let cx = TraceContextPropagator::new().extract(&carrier);
-    if cx.span().span_context().is_valid() {
-        let _ = span.set_parent(cx);
+    if let Some(tp) = traceparent {
+        let carrier = HashMap::from([("traceparent".to_owned(), tp.to_owned())]);
+        let cx = TraceContextPropagator::new().extract(&carrier);
+        if cx.span().span_context().is_valid() {
+            let _ = span.set_parent(cx);
+        }
+    }
+    if let Some(id) = trace_id_of(span) {
+        span.record("trace_id", id.as_str());
     }
 }
 
 /// The trace id of `span` as 32 hex digits, if it belongs to a trace.
-pub fn trace_id_of(span: &tracing::Span) -> Option<String> {
+fn trace_id_of(span: &tracing::Span) -> Option<String> {
     let cx = span.context();
     let sc = cx.span().span_context().clone();
     sc.is_valid().then(|| sc.trace_id().to_string())

@@ -35,12 +35,20 @@ impl Readiness {
         // One look at each stream: that it exists and, for a role with consumers, which consumers it holds.
         let mut streams = Ok(());
         let mut provisioned = std::collections::HashSet::new();
-        for name in self.topology.streams() {
+        let dlq = self.topology.dlq_stream();
+        'streams: for name in self.topology.streams() {
             match self.js.get_stream(&name).await {
-                Ok(s) if !self.consumers.is_empty() => {
+                // The dead-letter stream holds no durable consumer (only `dlq list`'s ordered ones): not listed.
+                Ok(s) if name != dlq && self.consumers.iter().any(|c| !provisioned.contains(c)) => {
                     let mut names = s.consumer_names();
-                    while let Some(Ok(c)) = names.next().await {
-                        provisioned.insert(c);
+                    while let Some(c) = names.next().await {
+                        match c {
+                            Ok(c) => provisioned.insert(c),
+                            Err(e) => {
+                                streams = Err(format!("stream {name}: listing consumers: {e}"));
+                                break 'streams;
+                            }
+                        };
                     }
                 }
                 Ok(_) => {}

@@ -98,10 +98,6 @@ const STRING_KEYS: &[&str] = &[
     "sms.sdk_app_id",
 ];
 
-/// The secrets of a section that not every role using the section needs: optional in the types, left out by
-/// [`Config::load_for`] for the roles that do not use them and required for the others.
-pub const ROLE_SECRETS: &[&str] = &["wechat.apiv3_key", "wechat.miniprogram_secret"];
-
 /// `PAYSTREAM__SECTION__KEY` → `section.key`.
 fn env() -> Env {
     Env::prefixed("PAYSTREAM__").split("__")
@@ -170,10 +166,11 @@ impl Config {
     }
 
     /// As [`Config::load`] for a role that does not use the sections or keys named in `unused` (a section: `http`,
-    /// `wechat`, `sms`, `notifier`; a key: [`ROLE_SECRETS`]): they are left out before parsing, so the role neither
+    /// `wechat`, `sms`, `notifier`; a key: `wechat.apiv3_key`, `wechat.miniprogram_secret`): they are left out before
+    /// parsing, so the role neither
     /// needs nor holds their secrets (the relay has no JWT key, the ingress no SMS key, the payment processor no
-    /// APIv3 key) even when one shared `paystream.toml` has every section. The [`ROLE_SECRETS`] not left out are
-    /// required.
+    /// APIv3 key) even when one shared `paystream.toml` has every section. Those two WeChat secrets, optional in
+    /// `WechatConfig` because not every role using `[wechat]` needs them, are required unless left out.
     pub fn load_for(path: Option<&Path>, unused: &[&str]) -> Result<Config, ConfigError> {
         let mut figment = Figment::new();
         if let Some(p) = path {
@@ -207,16 +204,17 @@ impl Config {
     fn from_figment(figment: Figment, unused: &[&str]) -> Result<Config, ConfigError> {
         let cfg: Config = figment.extract().map_err(parse_error)?;
         cfg.validate()?;
-        let missing: Vec<&str> = ROLE_SECRETS
-            .iter()
-            .copied()
-            .filter(|key| !unused.contains(key))
-            .filter(|key| match (*key, &cfg.wechat) {
-                ("wechat.apiv3_key", Some(w)) => w.apiv3_key.is_none(),
-                ("wechat.miniprogram_secret", Some(w)) => w.miniprogram_secret.is_none(),
-                _ => false,
-            })
-            .collect();
+        let mut missing = Vec::new();
+        if let Some(w) = &cfg.wechat {
+            for (key, absent) in [
+                ("wechat.apiv3_key", w.apiv3_key.is_none()),
+                ("wechat.miniprogram_secret", w.miniprogram_secret.is_none()),
+            ] {
+                if absent && !unused.contains(&key) {
+                    missing.push(key);
+                }
+            }
+        }
         if !missing.is_empty() {
             return Err(ConfigError::Invalid(format!("missing secret: {} (this role needs it)", missing.join(", "))));
         }

@@ -115,31 +115,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let path = config::config_path(cli.config.as_deref());
     // Each role reads only the sections it uses, so it needs (and holds) only their secrets.
-    let unused = match &cli.command {
-        Command::Ingress => unused_sections(&["ingress"])?,
-        Command::Notifier => unused_sections(&["notifier"])?,
-        Command::Relay => unused_sections(&["relay"])?,
-        Command::Migrate => unused_sections(&["migrate"])?,
-        Command::Processor { name: roles::Processor::Payment } => unused_sections(&["processor", "payment"])?,
-        Command::Processor { name: roles::Processor::Order } => unused_sections(&["processor", "order"])?,
-        Command::Processor { name: roles::Processor::Lifecycle } => unused_sections(&["processor", "lifecycle"])?,
-        Command::Config { role } => unused_sections(&role.iter().map(String::as_str).collect::<Vec<_>>())?,
-        _ => &[],
-    };
-    let cfg = Config::load_for(path.as_deref(), unused)?;
-    let role = match &cli.command {
-        Command::All => "paystream-all",
-        Command::Ingress => "paystream-ingress",
-        Command::Notifier => "paystream-notifier",
-        Command::Relay => "paystream-relay",
-        Command::Processor { .. } => "paystream-processor",
-        Command::Migrate => "paystream-migrate",
-        Command::Config { .. } => "paystream-config",
-        Command::Demo(_) => "paystream-demo",
-        Command::Dlq(_) => "paystream-dlq",
-        Command::Bench { .. } => "paystream-bench",
+    let (role, unused) = match &cli.command {
+        Command::All => ("paystream-all", unused_sections(&[])?),
+        Command::Ingress => ("paystream-ingress", unused_sections(&["ingress"])?),
+        Command::Notifier => ("paystream-notifier", unused_sections(&["notifier"])?),
+        Command::Relay => ("paystream-relay", unused_sections(&["relay"])?),
+        Command::Migrate => ("paystream-migrate", unused_sections(&["migrate"])?),
+        Command::Processor { name } => ("paystream-processor", unused_sections(&["processor", name.word()])?),
+        Command::Config { role } => {
+            ("paystream-config", unused_sections(&role.iter().map(String::as_str).collect::<Vec<_>>())?)
+        }
+        Command::Demo(_) => ("paystream-demo", unused_sections(&[])?),
+        Command::Dlq(_) => ("paystream-dlq", unused_sections(&[])?),
+        Command::Bench { .. } => ("paystream-bench", unused_sections(&[])?),
         Command::Sandbox(_) => unreachable!("handled above"),
     };
+    let cfg = Config::load_for(path.as_deref(), unused)?;
     observability::init(role, &cfg.telemetry);
     match cli.command {
         Command::All => roles::all(&cfg, shutdown).await,

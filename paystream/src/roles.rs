@@ -23,14 +23,7 @@ impl Infra {
         topology.ensure_streams(&js).await?;
         bus::metrics::register();
         wechat::metrics::register();
-        bus::dlq::track_depth_of(&[
-            processors::PAYMENT_CONSUMER,
-            processors::ORDER_CONSUMER,
-            processors::refund::REQUEST_CONSUMER,
-            processors::refund::STATUS_CONSUMER,
-            notifier::MINIPROGRAM_CONSUMER,
-            notifier::SMS_CONSUMER,
-        ]);
+        bus::dlq::track_depth_of(&consumers(true));
         Ok(Infra { pool, client, publisher: bus::Publisher::new(js, topology) })
     }
 
@@ -119,8 +112,7 @@ fn spawn_notifier(
 pub async fn notifier(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let infra = Infra::connect(cfg).await?;
     let task = spawn_notifier(cfg, &infra, shutdown.clone())?;
-    let (addr, admin) =
-        admin::serve(cfg.admin.listen, infra.readiness(&[notifier::MINIPROGRAM_CONSUMER]), shutdown.clone()).await?;
+    let (addr, admin) = admin::serve(cfg.admin.listen, infra.readiness(&notifier::CONSUMERS), shutdown.clone()).await?;
     tracing::info!(admin = %addr, "notifier started");
     let result = task.await?;
     shutdown.cancel();
@@ -160,6 +152,15 @@ pub enum Processor {
 }
 
 impl Processor {
+    /// Its word on the command line (`processor payment`).
+    pub fn word(self) -> &'static str {
+        match self {
+            Processor::Payment => "payment",
+            Processor::Order => "order",
+            Processor::Lifecycle => "lifecycle",
+        }
+    }
+
     /// The durable consumers this processor runs.
     fn consumers(self) -> &'static [&'static str] {
         match self {
@@ -170,15 +171,15 @@ impl Processor {
     }
 }
 
-/// The durable consumers `paystream all` runs with this configuration.
-fn all_consumers(cfg: &Config) -> Vec<&'static str> {
+/// The durable consumers of the processors, and of the notifier when `with_notifier`.
+fn consumers(with_notifier: bool) -> Vec<&'static str> {
     let mut c: Vec<&'static str> = [Processor::Payment, Processor::Order, Processor::Lifecycle]
         .iter()
         .flat_map(|p| p.consumers())
         .copied()
         .collect();
-    if cfg.notifier.is_some() {
-        c.push(notifier::MINIPROGRAM_CONSUMER);
+    if with_notifier {
+        c.extend(notifier::CONSUMERS);
     }
     c
 }
@@ -275,7 +276,8 @@ pub async fn all(cfg: &Config, shutdown: CancellationToken) -> anyhow::Result<()
         }
         None => None,
     };
-    let (addr, admin) = admin::serve(cfg.admin.listen, infra.readiness(&all_consumers(cfg)), shutdown.clone()).await?;
+    let (addr, admin) =
+        admin::serve(cfg.admin.listen, infra.readiness(&consumers(cfg.notifier.is_some())), shutdown.clone()).await?;
     let mut tasks = vec![tokio::spawn({
         let relay = infra.relay(cfg);
         let s = shutdown.clone();

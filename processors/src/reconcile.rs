@@ -237,15 +237,10 @@ pub fn transaction_report(t: wechat::Transaction) -> WechatTransactionReported {
         trade_type: t.trade_type.clone(),
         trade_state: t.trade_state.as_str().to_owned(),
         trade_state_desc: t.trade_state_desc.clone(),
-        success_time: t.success_time.as_deref().and_then(wechat_time),
+        success_time: t.success_time.as_deref().and_then(wechat::wechat_time),
         amount_total: amount.and_then(|a| a.total),
         currency: amount.and_then(|a| a.currency.clone()),
     }
-}
-
-/// A WeChat time (RFC 3339 with offset, e.g. `2026-11-27T10:05:00+08:00`) in UTC; `None` when malformed.
-pub(crate) fn wechat_time(s: &str) -> Option<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(s).ok().map(|d| d.with_timezone(&Utc))
 }
 
 /// Spaces queries at least `1 / max_queries_per_second` apart (no burst: the quota is shared with prepay).

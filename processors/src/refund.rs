@@ -100,7 +100,7 @@ pub fn refund_report(r: wechat::Refund) -> WechatRefundReported {
         out_refund_no: r.out_refund_no,
         refund_id: r.refund_id,
         status: r.status.as_str().to_owned(),
-        success_time: r.success_time.as_deref().and_then(crate::reconcile::wechat_time),
+        success_time: r.success_time.as_deref().and_then(wechat::wechat_time),
         amount_refund: r.amount.refund,
         amount_total: r.amount.total,
     }

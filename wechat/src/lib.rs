@@ -58,7 +58,7 @@ pub use pay::types::{
     CertificateList, CloseRequest, EncryptedResource, ErrorDetail, EventType, JsapiPayParams, Notification, Payer,
     PlatformCertificate, PrepayAmount, PrepayRequest, PrepayResponse, Refund, RefundAmount, RefundNotice,
     RefundNoticeAmount, RefundRequest, RefundRequestAmount, RefundStatus, TradeState, Transaction, TransactionAmount,
-    WechatErrorBody, pay_sign_message,
+    WechatErrorBody, pay_sign_message, wechat_time,
 };
 pub use pay::verify::{MAX_SKEW_SECS, PROBE_PREFIX, SignatureHeaders, Verifier, VerifyError, check_timestamp};
 pub use sms::{SendStatus, SmsClient, SmsError, Tc3Authorization, tc3_authorization, tc3_signature};

@@ -313,11 +313,7 @@ pub(crate) fn report(
         trade_type: t.trade_type,
         trade_state: t.trade_state.as_str().to_owned(),
         trade_state_desc: t.trade_state_desc,
-        success_time: t
-            .success_time
-            .as_deref()
-            .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
-            .map(|d| d.with_timezone(&Utc)),
+        success_time: t.success_time.as_deref().and_then(wechat::wechat_time),
         amount_total: amount.and_then(|a| a.total),
         currency: amount.and_then(|a| a.currency.clone()),
     }

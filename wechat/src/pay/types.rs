@@ -3,6 +3,7 @@
 //! Responses are read leniently (unknown fields ignored, fields WeChat omits in some states
 //! are `Option`); requests are written exactly as documented (absent options are not sent).
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::openid::OpenId;
@@ -378,6 +379,12 @@ pub struct PlatformCertificate {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CertificateList {
     pub data: Vec<PlatformCertificate>,
+}
+
+/// A WeChat time (`success_time` and the like: RFC 3339 with offset, e.g. `2026-11-27T10:05:00+08:00`) in UTC;
+/// `None` when malformed.
+pub fn wechat_time(s: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s).ok().map(|d| d.with_timezone(&Utc))
 }
 
 #[cfg(test)]
