@@ -76,8 +76,9 @@ rootfs="$work/rootfs"
 rm -rf "$rootfs"
 mkdir -p "$rootfs"/{etc/ssl/certs,tmp,lib64,lib/x86_64-linux-gnu}
 install -m 0755 "$bin" "$rootfs/paystream"
+resolved=$(ldd "$bin")
 for lib in $needed; do
-  src=$(ldd "$bin" | awk -v l="$lib" '$1 == l { print $3 } $1 ~ "ld-linux" && l ~ "ld-linux" { print $1 }' | head -1)
+  src=$(awk -v l="$lib" '$1 == l { print $3 } $1 ~ "ld-linux" && l ~ "ld-linux" { print $1 }' <<<"$resolved" | head -1)
   [[ -n $src && -e $src ]] || die "cannot find $lib on this machine"
   cp -L "$src" "$rootfs/lib/x86_64-linux-gnu/$lib"
 done
@@ -85,7 +86,6 @@ cp -L /lib64/ld-linux-x86-64.so.2 "$rootfs/lib64/"
 cp -L /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/"
 printf 'root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n' >"$rootfs/etc/passwd"
 printf 'root:x:0:\nnonroot:x:65532:\n' >"$rootfs/etc/group"
-chmod 1777 "$rootfs/tmp"
 chown -R root:root "$rootfs"
 chmod -R go-w "$rootfs" && chmod 1777 "$rootfs/tmp"
 [[ ! -e $rootfs/bin/sh ]] || die "the runtime filesystem has a shell"
@@ -99,16 +99,16 @@ admin_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 
 image_env=(PAYSTREAM__DATABASE__URL="$PAYSTREAM__DATABASE__URL" PAYSTREAM__NATS__URL="$PAYSTREAM__NATS__URL"
            PAYSTREAM__NATS__PREFIX=imagerehearsal PAYSTREAM__ADMIN__LISTEN="127.0.0.1:$admin_port"
            PAYSTREAM__TELEMETRY__LOG_FORMAT=json PAYSTREAM__TELEMETRY__LOG_FILTER=info)
-run_image() { env -i "${image_env[@]}" /usr/sbin/chroot --userspec=65532:65532 "$rootfs" /paystream "$@"; }
+# Call in a subshell: exec makes paystream the subshell's process (env and chroot exec in turn), so a background
+# job's pid is paystream's own and SIGTERM reaches it.
+run_image() { exec env -i "${image_env[@]}" /usr/sbin/chroot --userspec=65532:65532 "$rootfs" /paystream "$@"; }
 
-run_image --help >/dev/null || die "/paystream --help failed as uid 65532"
-run_image config --role relay >/dev/null || die "paystream config --role relay refused the environment"
-run_image migrate >/dev/null || die "paystream migrate failed in the runtime filesystem"
+(run_image --help) >/dev/null || die "/paystream --help failed as uid 65532"
+(run_image config --role relay) >/dev/null || die "paystream config --role relay refused the environment"
+(run_image migrate) >/dev/null || die "paystream migrate failed in the runtime filesystem"
 log "ran as 65532:65532 without a shell: --help, config --role relay, migrate"
 
-# exec: the background job's pid is paystream's own (env and chroot exec in turn), so SIGTERM reaches it.
-(exec env -i "${image_env[@]}" /usr/sbin/chroot --userspec=65532:65532 "$rootfs" /paystream relay) \
-  >"$work/relay.log" 2>&1 &
+(run_image relay) >"$work/relay.log" 2>&1 &
 pid=$!
 ready=""
 for _ in $(seq 1 150); do

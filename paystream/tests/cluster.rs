@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use common::System;
 use futures::StreamExt as _;
-use serde_json::json;
 
 const PAYMENTS: usize = 1_000;
 const USERS: usize = 10;
@@ -34,7 +33,7 @@ async fn a_nats_node_killed_during_1000_payments_loses_and_duplicates_nothing() 
             let (sys, token, started) = (&sys, &users[i % USERS], &started);
             async move {
                 let (order, payment) = sys.book_and_prepay(token).await;
-                sys.sandbox(&format!("/sandbox/v1/transactions/{payment}/pay"), json!({ "result": "SUCCESS" })).await;
+                sys.pay_at_wechat(&payment).await;
                 started.fetch_add(1, Ordering::SeqCst);
                 order
             }

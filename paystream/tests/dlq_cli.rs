@@ -34,7 +34,7 @@ async fn a_dead_lettered_payment_report_is_listed_and_after_the_fix_and_a_redriv
     let (order, payment) = sys.book_and_prepay(&alice).await;
     // The payment row disagrees with what WeChat reports: the payment processor dead-letters the report.
     sys.sql(format!("UPDATE third_payment SET pay_total = pay_total + 1 WHERE sn = '{payment}'")).await;
-    sys.sandbox(&format!("/sandbox/v1/transactions/{payment}/pay"), json!({ "result": "SUCCESS" })).await;
+    sys.pay_at_wechat(&payment).await;
     let letters = testkit::eventually(Duration::from_secs(20), "the report in the payment DLQ", || async {
         let l = dead_letters(&sys, "payment");
         (l.len() == 1).then_some(l)
@@ -90,7 +90,7 @@ async fn failed_notifications_are_reopened_and_sent_when_their_letters_are_redri
     .await;
     let alice = sys.login("alice").await;
     let (order, payment) = sys.book_and_prepay(&alice).await;
-    sys.sandbox(&format!("/sandbox/v1/transactions/{payment}/pay"), json!({ "result": "SUCCESS" })).await;
+    sys.pay_at_wechat(&payment).await;
     let letters = testkit::eventually(Duration::from_secs(30), "both notifications dead-lettered", || async {
         let l = dead_letters(&sys, "notifier-miniprogram");
         (l.len() == 2).then_some(l)

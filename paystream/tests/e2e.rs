@@ -22,7 +22,7 @@ async fn duplicate_callbacks_change_the_order_once_and_other_users_see_nothing()
     let sys = System::start().await;
     let alice = sys.login("alice").await;
     let (order, payment) = sys.book_and_prepay(&alice).await;
-    sys.sandbox(&format!("/sandbox/v1/transactions/{payment}/pay"), json!({ "result": "SUCCESS" })).await;
+    sys.pay_at_wechat(&payment).await;
     for _ in 0..5 {
         sys.sandbox("/sandbox/v1/faults", json!({ "kind": "duplicate_callback", "out_trade_no": payment })).await;
     }
@@ -83,7 +83,7 @@ async fn a_callback_whose_amount_does_not_match_is_dead_lettered_and_the_order_s
     )
     .await
     .unwrap();
-    sys.sandbox(&format!("/sandbox/v1/transactions/{payment}/pay"), json!({ "result": "SUCCESS" })).await;
+    sys.pay_at_wechat(&payment).await;
     testkit::eventually(Duration::from_secs(20), "the report in the payment DLQ", || async {
         (sys.count("DLQ", "dlq.payment").await == 1).then_some(())
     })
@@ -131,7 +131,7 @@ async fn a_user_refund_goes_through_wechat_and_its_callback_and_the_user_is_told
     let sys = System::start().await;
     let alice = sys.login("alice").await;
     let (order, payment) = sys.book_and_prepay(&alice).await;
-    sys.sandbox(&format!("/sandbox/v1/transactions/{payment}/pay"), json!({ "result": "SUCCESS" })).await;
+    sys.pay_at_wechat(&payment).await;
     sys.until_paid(&alice, &order).await;
     let asked = sys.ok("/order/v1/homestayOrder/refundHomestayOrder", Some(&alice), json!({ "sn": order })).await;
     assert_eq!(asked["refundState"], "requested", "{asked}");
@@ -213,9 +213,9 @@ impl Collector {
                                     })
                                     .collect();
                                 out.push(SpanRec {
-                                    trace_id: hex(&s.trace_id),
-                                    span_id: hex(&s.span_id),
-                                    parent: hex(&s.parent_span_id),
+                                    trace_id: hex::encode(&s.trace_id),
+                                    span_id: hex::encode(&s.span_id),
+                                    parent: hex::encode(&s.parent_span_id),
                                     name: s.name,
                                     attributes,
                                 });
@@ -235,10 +235,6 @@ impl Collector {
     fn spans(&self) -> Vec<SpanRec> {
         self.spans.lock().unwrap().clone()
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// The trace of one payment: the callback span that names it, and every span of its trace.
@@ -265,7 +261,7 @@ async fn each_payment_is_one_trace_from_callback_to_notification_and_logs_carry_
     let mut payments = Vec::new();
     for _ in 0..2 {
         let (order, payment) = sys.book_and_prepay(&alice).await;
-        sys.sandbox(&format!("/sandbox/v1/transactions/{payment}/pay"), json!({ "result": "SUCCESS" })).await;
+        sys.pay_at_wechat(&payment).await;
         payments.push((order, payment));
     }
     for (order, _) in &payments {
@@ -340,7 +336,7 @@ async fn every_dashboard_metric_is_exported_and_one_payment_moves_the_counters_b
     let sys = System::start().await;
     let alice = sys.login("alice").await;
     let (order, payment) = sys.book_and_prepay(&alice).await;
-    sys.sandbox(&format!("/sandbox/v1/transactions/{payment}/pay"), json!({ "result": "SUCCESS" })).await;
+    sys.pay_at_wechat(&payment).await;
     sys.until_paid(&alice, &order).await;
     testkit::eventually(Duration::from_secs(20), "two messages sent", || async {
         (sys.metrics().await.contains("paystream_notifications_total{channel=\"miniprogram\",outcome=\"sent\"} 2"))

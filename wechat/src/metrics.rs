@@ -8,7 +8,7 @@ use std::time::Instant;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
 
 /// Every `api` label value.
-pub const APIS: [&str; 10] = [
+const APIS: [&str; 10] = [
     "jsapi_prepay",
     "query_transaction",
     "close",
@@ -86,10 +86,27 @@ fn m() -> &'static Metrics {
     })
 }
 
-pub(crate) fn observe(api: &'static str, started: Instant, outcome: Outcome) {
+/// An error of a metered call: whether trying again may succeed (counted as `retryable`, else `error`).
+pub(crate) trait Retryable {
+    fn retryable(&self) -> bool;
+}
+
+/// Runs one call to `api`, counting its outcome and timing it.
+pub(crate) async fn metered<T, E: Retryable>(
+    api: &'static str,
+    call: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    let started = Instant::now();
+    let result = call.await;
+    let outcome = match &result {
+        Ok(_) => Outcome::Ok,
+        Err(e) if e.retryable() => Outcome::Retryable,
+        Err(_) => Outcome::Error,
+    };
     let m = m();
     m.calls.with_label_values(&[api, outcome.as_str()]).inc();
     m.seconds.with_label_values(&[api]).observe(started.elapsed().as_secs_f64());
+    result
 }
 
 pub(crate) fn token_refreshed(forced: bool) {

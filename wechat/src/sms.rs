@@ -290,8 +290,7 @@ impl SmsClient {
             template_param_set: params,
         })
         .map_err(|e| SmsError::Decode(e.to_string()))?;
-        let started = std::time::Instant::now();
-        let result = async {
+        crate::metrics::metered("sms_send", async {
             let timestamp = chrono::Utc::now().timestamp();
             let authorization = tc3_authorization(
                 &self.secret_id,
@@ -330,15 +329,14 @@ impl SmsClient {
                 });
             }
             Ok(env.response.send_status_set)
-        }
-        .await;
-        let outcome = match &result {
-            Ok(_) => crate::metrics::Outcome::Ok,
-            Err(e) if e.is_retryable() => crate::metrics::Outcome::Retryable,
-            Err(_) => crate::metrics::Outcome::Error,
-        };
-        crate::metrics::observe("sms_send", started, outcome);
-        result
+        })
+        .await
+    }
+}
+
+impl crate::metrics::Retryable for SmsError {
+    fn retryable(&self) -> bool {
+        self.is_retryable()
     }
 }
 

@@ -182,6 +182,11 @@ impl System {
         (sn, status["paySn"].as_str().unwrap().to_owned())
     }
 
+    /// The user pays `payment` in WeChat (the sandbox), which then calls paystream back.
+    pub async fn pay_at_wechat(&self, payment: &str) {
+        self.sandbox(&format!("/sandbox/v1/transactions/{payment}/pay"), json!({ "result": "SUCCESS" })).await;
+    }
+
     pub async fn order_status(&self, token: &str, order: &str) -> (Value, Value) {
         let s =
             self.ok("/payment/v1/thirdPayment/thirdPaymentWxPayStatus", Some(token), json!({ "orderSn": order })).await;

@@ -302,8 +302,7 @@ impl MiniProgramClient {
             let key = "js_code".to_owned();
             return Err(DataRuleError { key, rule }.into());
         }
-        let started = std::time::Instant::now();
-        let result = async {
+        crate::metrics::metered("jscode2session", async {
             let s = &self.inner.settings;
             let resp = self
                 .inner
@@ -328,10 +327,8 @@ impl MiniProgramClient {
                 .and_then(|o| OpenId::new(o).map_err(|e| MiniError::Decode(e.to_string())))?;
             let session_key = a.session_key.ok_or_else(|| MiniError::Decode("no session_key".into()))?;
             Ok(Session { openid, session_key: SecretString::from(session_key), unionid: a.unionid })
-        }
-        .await;
-        crate::metrics::observe("jscode2session", started, outcome(&result));
-        result
+        })
+        .await
     }
 
     /// The shared access token, from `POST /cgi-bin/stable_token`. Fetched at most once at a
@@ -344,8 +341,7 @@ impl MiniProgramClient {
             return Ok(t.token.clone());
         }
         let force = state.force_refresh;
-        let started = std::time::Instant::now();
-        let fetched = async {
+        let fetched: Result<_, MiniError> = crate::metrics::metered("stable_token", async {
             let s = &self.inner.settings;
             let resp = self
                 .inner
@@ -365,9 +361,8 @@ impl MiniProgramClient {
             let token =
                 a.access_token.filter(|t| !t.is_empty()).ok_or_else(|| MiniError::Decode("no access_token".into()))?;
             Ok((token, a.expires_in))
-        }
+        })
         .await;
-        crate::metrics::observe("stable_token", started, outcome(&fetched));
         let (token, expires_in) = fetched?;
         crate::metrics::token_refreshed(force);
         let lifetime = Duration::from_secs(expires_in.unwrap_or(7200));
@@ -403,8 +398,7 @@ impl MiniProgramClient {
         let mut retried = false;
         loop {
             let token = self.access_token().await?;
-            let started = std::time::Instant::now();
-            let answer = async {
+            let answer: Result<_, MiniError> = crate::metrics::metered("subscribe_send", async {
                 let resp = self
                     .inner
                     .http
@@ -416,9 +410,8 @@ impl MiniProgramClient {
                 let a: SendAnswer = Self::read(resp).await?;
                 check_err(a.err)?;
                 Ok(a.msgid)
-            }
+            })
             .await;
-            crate::metrics::observe("subscribe_send", started, outcome(&answer));
             match answer {
                 Ok(msgid) => return Ok(msgid),
                 Err(e) if e.class() == ErrorClass::Token && !retried => {
@@ -431,12 +424,10 @@ impl MiniProgramClient {
     }
 }
 
-fn outcome<T>(r: &Result<T, MiniError>) -> crate::metrics::Outcome {
-    match r {
-        Ok(_) => crate::metrics::Outcome::Ok,
+impl crate::metrics::Retryable for MiniError {
+    fn retryable(&self) -> bool {
         // A token error is fixed by the refresh that follows it, as a retry would.
-        Err(e) if matches!(e.class(), ErrorClass::Retryable | ErrorClass::Token) => crate::metrics::Outcome::Retryable,
-        Err(_) => crate::metrics::Outcome::Error,
+        matches!(self.class(), ErrorClass::Retryable | ErrorClass::Token)
     }
 }
 

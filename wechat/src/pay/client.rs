@@ -324,10 +324,7 @@ impl PayClient {
     /// verified with the keys it carries (they are authenticated by the APIv3 key, which only
     /// WeChat and we hold) and only then are they added.
     pub async fn download_certificates(&self) -> Result<Vec<String>, PayError> {
-        let started = std::time::Instant::now();
-        let result = self.download_certificates_unmetered().await;
-        crate::metrics::observe("certificates", started, outcome(&result));
-        result
+        crate::metrics::metered("certificates", self.download_certificates_unmetered()).await
     }
 
     async fn download_certificates_unmetered(&self) -> Result<Vec<String>, PayError> {
@@ -382,10 +379,7 @@ impl PayClient {
         path_and_query: &str,
         body: Option<&B>,
     ) -> Result<Vec<u8>, PayError> {
-        let started = std::time::Instant::now();
-        let result = self.call_unmetered(method, path_and_query, body).await;
-        crate::metrics::observe(api, started, outcome(&result));
-        result
+        crate::metrics::metered(api, self.call_unmetered(method, path_and_query, body)).await
     }
 
     async fn call_unmetered<B: Serialize>(
@@ -452,11 +446,9 @@ impl PayClient {
     }
 }
 
-fn outcome<T>(r: &Result<T, PayError>) -> crate::metrics::Outcome {
-    match r {
-        Ok(_) => crate::metrics::Outcome::Ok,
-        Err(e) if e.is_retryable() => crate::metrics::Outcome::Retryable,
-        Err(_) => crate::metrics::Outcome::Error,
+impl crate::metrics::Retryable for PayError {
+    fn retryable(&self) -> bool {
+        self.is_retryable()
     }
 }
 
