@@ -1,10 +1,7 @@
-//! Access tokens (JWT HS256) and passwords (argon2id).
+//! Access tokens (JWT HS256). Passwords are hashed in `crate::passwords`.
 
-use std::sync::OnceLock;
 use std::time::Duration;
 
-use argon2::Argon2;
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString, rand_core::OsRng};
 use axum::extract::FromRequestParts;
 use axum::http::{header, request::Parts};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
@@ -111,28 +108,6 @@ impl FromRequestParts<AppState> for AuthUser {
     }
 }
 
-/// An argon2id PHC string for `password` (CPU-heavy: call from a blocking thread).
-pub fn hash_password(password: &str) -> Result<String, ApiError> {
-    let salt = SaltString::generate(&mut OsRng);
-    Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
-        .map(|h| h.to_string())
-        .map_err(|e| ApiError::Internal(format!("cannot hash a password: {e}")))
-}
-
-/// Checks `password` against `hash`; with no hash (unknown user) checks against a dummy one, so the answer takes as
-/// long either way and timing does not tell which mobile numbers are registered.
-pub fn verify_password(password: &str, hash: Option<&str>) -> bool {
-    static DUMMY: OnceLock<String> = OnceLock::new();
-    let dummy = DUMMY.get_or_init(|| hash_password("paystream-dummy-password").unwrap_or_default());
-    let (stored, real) = match hash {
-        Some(h) => (h, true),
-        None => (dummy.as_str(), false),
-    };
-    let Ok(parsed) = PasswordHash::new(stored) else { return false };
-    Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok() && real
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,14 +143,5 @@ mod tests {
         let expired =
             Tokens::new(&old, &[], Duration::from_secs(60)).issue(UserId(7), now - 7200).unwrap().access_token;
         assert_eq!(rotating.check(&expired), Err(AuthProblem::Expired));
-    }
-
-    #[test]
-    fn passwords_verify_only_against_their_hash() {
-        let h = hash_password("correct horse").unwrap();
-        assert!(h.starts_with("$argon2id$"));
-        assert!(verify_password("correct horse", Some(&h)));
-        assert!(!verify_password("wrong", Some(&h)));
-        assert!(!verify_password("paystream-dummy-password", None), "the dummy never logs anyone in");
     }
 }

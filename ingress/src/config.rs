@@ -45,6 +45,14 @@ pub struct IngressConfig {
     /// where homestays come from the business's own data.
     #[serde(default = "default_seed_demo_homestays")]
     pub seed_demo_homestays: bool,
+    /// Threads that hash passwords (argon2id, 19 MiB each, held for the life of the process); 0 = one per core.
+    /// They bound both the CPU and the memory logins can take.
+    #[serde(default)]
+    pub password_hashers: usize,
+    /// Logins and registrations that may wait for a hashing thread; past that they are answered 503 with
+    /// `Retry-After` at once.
+    #[serde(default = "default_password_queue")]
+    pub password_queue: usize,
 }
 
 fn default_listen() -> SocketAddr {
@@ -69,6 +77,10 @@ fn default_seed_demo_homestays() -> bool {
     true
 }
 
+fn default_password_queue() -> usize {
+    32
+}
+
 fn default_status_query_interval() -> Duration {
     Duration::from_secs(5)
 }
@@ -88,6 +100,16 @@ impl IngressConfig {
             status_grace: default_status_grace(),
             status_query_interval: default_status_query_interval(),
             seed_demo_homestays: default_seed_demo_homestays(),
+            password_hashers: 0,
+            password_queue: default_password_queue(),
+        }
+    }
+
+    /// `password_hashers` with 0 resolved to the number of cores.
+    pub fn password_hashers(&self) -> usize {
+        match self.password_hashers {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
         }
     }
 
@@ -111,6 +133,12 @@ impl IngressConfig {
         // WeChat refuses a time_expire less than a minute away, and a prepay_id lives two hours.
         if self.payment_deadline < Duration::from_secs(60) || self.payment_deadline > Duration::from_secs(2 * 3600) {
             return Err("http.payment_deadline must be between 1 minute and 2 hours".into());
+        }
+        if self.password_hashers > 64 {
+            return Err("http.password_hashers must be at most 64 (each holds 19 MiB)".into());
+        }
+        if !(1..=10_000).contains(&self.password_queue) {
+            return Err("http.password_queue must be between 1 and 10000".into());
         }
         if self.status_query_interval.is_zero() {
             return Err("http.status_query_interval must be positive".into());

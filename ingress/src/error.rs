@@ -34,6 +34,9 @@ pub enum ApiError {
     Conflict { code: u32, msg: String },
     #[error("too many attempts, try again in a few minutes")]
     RateLimited,
+    /// Too many requests of this kind are already waiting (password hashing): try again in a second.
+    #[error("too busy right now, try again in a moment")]
+    Busy,
     /// WeChat failed or refused; `retryable` says whether the same call may work later.
     #[error("{msg}")]
     Upstream { msg: String, retryable: bool },
@@ -73,7 +76,7 @@ impl ApiError {
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Upstream { .. } => StatusCode::BAD_GATEWAY,
-            ApiError::Unavailable(_) | ApiError::Timeout => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::Timeout | ApiError::Busy => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -99,7 +102,17 @@ impl ApiError {
             ApiError::Upstream { retryable: false, .. } => 50201,
             ApiError::Unavailable(_) => 50300,
             ApiError::Timeout => 50301,
+            ApiError::Busy => 50302,
             ApiError::Internal(_) => 50000,
+        }
+    }
+
+    /// Seconds a client should wait before trying again, sent as `Retry-After`.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            ApiError::RateLimited => Some(60),
+            ApiError::Busy => Some(1),
+            _ => None,
         }
     }
 
@@ -159,7 +172,11 @@ impl IntoResponse for ApiError {
             ApiError::Upstream { msg, .. } => tracing::warn!(code = self.code(), error = %msg, "WeChat call failed"),
             _ => tracing::debug!(code = self.code(), msg = %self, "request refused"),
         }
-        error_body(status, self.code(), &self.to_string())
+        let mut resp = error_body(status, self.code(), &self.to_string());
+        if let Some(secs) = self.retry_after() {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
     }
 }
 

@@ -19,6 +19,7 @@ mod config;
 mod error;
 mod metrics;
 mod openapi;
+mod passwords;
 mod routes;
 mod seed;
 
@@ -69,6 +70,7 @@ pub(crate) struct Inner {
     pub reader: wechat::NotificationReader,
     pub status_limiter: routes::payment::QueryLimiter,
     pub login_throttle: routes::user::LoginThrottle,
+    pub passwords: passwords::PasswordPool,
     pub cert_refresh: callback::CertRefresh,
 }
 
@@ -94,6 +96,7 @@ pub fn router(deps: Deps) -> Router {
         reader: deps.pay.notification_reader(),
         status_limiter: routes::payment::QueryLimiter::new(cfg.status_query_interval),
         login_throttle: routes::user::LoginThrottle::new(),
+        passwords: passwords::PasswordPool::new(cfg.password_hashers(), cfg.password_queue),
         cert_refresh: callback::CertRefresh::new(),
         deps,
     }));

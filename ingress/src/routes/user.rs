@@ -1,15 +1,14 @@
 //! `/usercenter/v1/user/*`: register, log in with a password or with WeChat, read one's own details.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use serde::{Deserialize, Serialize};
 use storage::{AsyncConnection as _, AuthType, StorageError, users};
-use tokio::sync::Semaphore;
 
-use crate::auth::{self, AuthUser, TokenAnswer};
+use crate::auth::{AuthUser, TokenAnswer};
 use crate::error::{ApiError, ApiJson, ApiResult, AuthProblem, Data, conflict};
 use crate::{AppState, routes::unix_now};
 
@@ -34,15 +33,6 @@ fn check_mobile(mobile: &str) -> Result<(), ApiError> {
     } else {
         Err(ApiError::invalid("mobile must be 5 to 20 digits, optionally starting with +"))
     }
-}
-
-/// Runs argon2 off the async threads: it takes tens of milliseconds of CPU and 19 MiB of memory on purpose, so at
-/// most one hash per core runs at a time (a burst of logins must not take the process past its memory budget).
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
-    static SLOTS: OnceLock<Semaphore> = OnceLock::new();
-    let slots = SLOTS.get_or_init(|| Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())));
-    let _slot = slots.acquire().await.map_err(|e| ApiError::Internal(format!("password slots closed: {e}")))?;
-    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::Internal(format!("password task failed: {e}")))
 }
 
 /// Failed password logins per mobile number: after `MAX_FAILURES` within `WINDOW`, that number is refused (429)
@@ -90,8 +80,7 @@ pub async fn register(State(state): State<AppState>, ApiJson(req): ApiJson<Crede
     if !(8..=128).contains(&len) {
         return Err(ApiError::invalid("password must be 8 to 128 characters"));
     }
-    let password = req.password;
-    let hash = blocking(move || auth::hash_password(&password)).await??;
+    let hash = state.passwords.hash(req.password).await?;
     let mut conn = state.conn().await?;
     let new = users::NewUser { mobile: Some(req.mobile.clone()), password_hash: Some(hash), nickname: String::new() };
     let mobile = req.mobile.clone();
@@ -108,18 +97,21 @@ pub async fn register(State(state): State<AppState>, ApiJson(req): ApiJson<Crede
 }
 
 pub async fn login(State(state): State<AppState>, ApiJson(req): ApiJson<Credentials>) -> ApiResult<TokenAnswer> {
+    // A malformed mobile cannot be anyone's: refused before it costs a hash or becomes a throttle key.
+    check_mobile(&req.mobile)?;
+    if req.password.chars().count() > 128 {
+        return Err(ApiError::invalid("password must be at most 128 characters"));
+    }
     if state.login_throttle.blocked(&req.mobile) {
         return Err(ApiError::RateLimited);
     }
-    let user = if check_mobile(&req.mobile).is_ok() {
+    let user = {
         let mut conn = state.conn().await?;
         users::find_by_auth(&mut conn, AuthType::System, &req.mobile).await?
-    } else {
-        None
     };
     let hash = user.as_ref().and_then(|u| u.password_hash.clone());
-    let password = req.password;
-    let ok = blocking(move || auth::verify_password(&password, hash.as_deref())).await?;
+    // Unknown mobiles are checked against a dummy hash: the answer takes as long either way.
+    let ok = state.passwords.verify(req.password, hash).await?;
     match user {
         Some(u) if ok => {
             state.login_throttle.succeeded(&req.mobile);
