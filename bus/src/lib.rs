@@ -22,7 +22,7 @@ pub use config::{ConsumerConfig, NatsConfig, OutboxConfig};
 pub use consumer::{Consumer, ConsumerSpec, Delivery, Handled, Handler, HandlerError};
 pub use dlq::{DeadLetter, DlqError, RedriveAll, RedriveOutcome};
 pub use envelope::{Envelope, Event, derived_id, headers};
-pub use outbox::{Relay, enqueue};
+pub use outbox::{Events, Outbox, Relay, TxBody, enqueue, enqueue_events};
 pub use publisher::Publisher;
 pub use topology::{Subject, Topology};
 

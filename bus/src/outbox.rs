@@ -1,11 +1,21 @@
-//! The transactional outbox: [`enqueue`] writes an event in the caller's transaction; [`Relay`] publishes committed
-//! rows to JetStream and deletes them after the PubAck.
+//! The transactional outbox. [`Outbox::transaction`] writes a state change and the events that announce it in one
+//! transaction and, right after the commit, publishes those events itself (the fast path); [`enqueue`] writes an
+//! event for the relays only; [`Relay`] publishes committed rows nobody published (a writer that crashed between
+//! its commit and its publish, or rows that had to wait for an earlier event of their aggregate) and deletes them
+//! after the PubAck.
+//!
+//! The fast path keeps the outbox's promise: the rows are committed before anything is published, and a row is
+//! deleted only after its PubAck (in batches, by a background task). Until then the relays can see it and may
+//! publish it again: with the same `Nats-Msg-Id`, which JetStream drops. Order within an aggregate holds because a
+//! writer publishes a row itself only if no older row of its aggregate was still in the outbox when it wrote
+//! (`storage::outbox::insert_all`); otherwise the row waits for the relays, which publish each aggregate in order.
 //!
 //! Delivery guarantee: a row is deleted only in the transaction that published it, after every PubAck of its batch.
 //! If the relay dies between PubAck and commit, the rows stay and are published again by the next relay with the
 //! same `Nats-Msg-Id` (the event id), which JetStream drops as a duplicate within its window. Downstream consumers
 //! also claim the event id in `processed_event`, which covers a relay that stays down longer than the window.
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
@@ -21,25 +31,184 @@ use crate::{
     metrics,
 };
 
-/// Writes `env` to the outbox in the caller's transaction. It is published after the transaction commits.
+/// Writes `env` to the outbox in the caller's transaction, for the relays: it is published after the transaction
+/// commits, by a relay. Paths where latency matters use [`Outbox::transaction`] instead.
 pub async fn enqueue<E: Event>(conn: &mut Conn, env: &Envelope<E>) -> Result<(), StorageError> {
+    table::insert(conn, &row_of(env)).await
+}
+
+/// Writes staged `events` in the caller's transaction, for the relays (as [`enqueue`] does for one).
+pub async fn enqueue_events(conn: &mut Conn, events: Events) -> Result<(), StorageError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    table::insert_all(conn, &events.rows).await?;
+    table::wake_relays(conn).await
+}
+
+fn row_of<E: Event>(env: &Envelope<E>) -> table::NewOutboxRow {
     let mut headers = serde_json::Map::new();
     for (name, values) in env.headers().iter() {
         if let Some(v) = values.first() {
             headers.insert(name.to_string(), v.as_str().into());
         }
     }
-    table::insert(
-        conn,
-        &table::NewOutboxRow {
-            event_id: env.id,
-            aggregate: env.payload.aggregate(),
-            subject: E::SUBJECT.name().to_owned(),
-            headers: serde_json::Value::Object(headers),
-            payload: env.to_bytes(),
-        },
-    )
-    .await
+    table::NewOutboxRow {
+        event_id: env.id,
+        aggregate: env.payload.aggregate(),
+        subject: E::SUBJECT.name().to_owned(),
+        headers: serde_json::Value::Object(headers),
+        payload: env.to_bytes(),
+    }
+}
+
+/// The events of one transaction, staged by the code inside [`Outbox::transaction`] and written when it ends.
+#[derive(Debug, Default)]
+pub struct Events {
+    rows: Vec<table::NewOutboxRow>,
+}
+
+impl Events {
+    /// Announces `env` if (and only if) the transaction commits.
+    pub fn add<E: Event>(&mut self, env: &Envelope<E>) {
+        self.rows.push(row_of(env));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+}
+
+/// The body of an [`Outbox::transaction`]: like diesel-async's transaction closures, with the events to stage.
+pub trait TxBody<'r, R, E>: FnOnce(&'r mut Conn, &'r mut Events) -> <Self as TxBody<'r, R, E>>::Fut {
+    type Fut: Future<Output = Result<R, E>> + Send;
+}
+
+impl<'r, F, Fut, R, E> TxBody<'r, R, E> for F
+where
+    F: FnOnce(&'r mut Conn, &'r mut Events) -> Fut,
+    Fut: Future<Output = Result<R, E>> + Send,
+{
+    type Fut = Fut;
+}
+
+/// Transactions that announce what they changed, and publish it themselves once committed. Cheap to clone; the
+/// deletes of published rows run on a background task that ends (after a last flush) when every clone is dropped.
+#[derive(Clone)]
+pub struct Outbox {
+    publisher: Publisher,
+    published: tokio::sync::mpsc::UnboundedSender<i64>,
+}
+
+/// Published rows deleted per statement, at most.
+const DELETE_BATCH: usize = 512;
+
+impl Outbox {
+    /// Must be called inside a tokio runtime (it starts the delete task).
+    pub fn new(pool: PgPool, publisher: Publisher) -> Self {
+        let (published, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(delete_published(pool, rx));
+        Outbox { publisher, published }
+    }
+
+    /// Runs `body` in a transaction on `conn`; the events it stages are written in the same transaction (one
+    /// statement) and, after the commit, published here with their event id as `Nats-Msg-Id`. Nothing waits for
+    /// the PubAcks: a crash before them leaves the rows to the relays.
+    pub async fn transaction<R, E, F>(&self, conn: &mut Conn, body: F) -> Result<R, E>
+    where
+        F: for<'r> AsyncFnOnce(&'r mut Conn, &'r mut Events) -> Result<R, E> + for<'r> TxBody<'r, R, E> + Send,
+        E: From<StorageError> + From<diesel::result::Error> + Send,
+        R: Send,
+    {
+        let mut events = Events::default();
+        let events_ref = &mut events;
+        let (result, written) = conn
+            .transaction::<_, E, _>(async move |c| {
+                let result = body(c, events_ref).await?;
+                let written = table::insert_all(c, &events_ref.rows).await?;
+                if written.iter().any(|w| !w.head) {
+                    // An earlier event of the aggregate is still in the outbox: the relays publish this one after it.
+                    table::wake_relays(c).await?;
+                }
+                Ok((result, written))
+            })
+            .await?;
+        self.publish_committed(events.rows, written).await;
+        Ok(result)
+    }
+
+    /// The fast path: sends the committed heads in order, then hands their ids to the delete task once each PubAck
+    /// is in. A failure here loses nothing: the rows stay for the relays.
+    async fn publish_committed(&self, rows: Vec<table::NewOutboxRow>, written: Vec<table::Written>) {
+        let mut pending = Vec::with_capacity(rows.len());
+        for (row, w) in rows.into_iter().zip(written) {
+            debug_assert_eq!(row.event_id, w.event_id, "insert_all returns rows in the order given");
+            if !w.head {
+                // Everything after it in this transaction may belong to the same aggregate: leave it to the relays.
+                break;
+            }
+            let subject = self.publisher.topology().qualify(&row.subject);
+            match self.publisher.send(&subject, json_headers(&row.headers), Bytes::from(row.payload)).await {
+                Ok(ack) => pending.push((w.id, row.subject, ack)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "publish after commit failed; the relays will publish the rest");
+                    break;
+                }
+            }
+        }
+        if pending.is_empty() {
+            return;
+        }
+        let published = self.published.clone();
+        tokio::spawn(async move {
+            for (id, subject, ack) in pending {
+                match ack.await {
+                    Ok(ack) => {
+                        metrics::published(&subject, ack.duplicate);
+                        metrics::relayed(&subject, 1);
+                        let _ = published.send(id);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no PubAck after commit; the relays will publish it");
+                        return;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Deletes published rows in batches: one statement for whatever arrived while the previous one ran. A failed
+/// delete is retried; rows it leaves behind would only be published again (and dropped by JetStream).
+async fn delete_published(pool: PgPool, mut rx: tokio::sync::mpsc::UnboundedReceiver<i64>) {
+    let mut ids = Vec::with_capacity(DELETE_BATCH);
+    let mut failures = 0u32;
+    loop {
+        if ids.is_empty() && rx.recv_many(&mut ids, DELETE_BATCH).await == 0 {
+            return;
+        }
+        while ids.len() < DELETE_BATCH
+            && let Ok(id) = rx.try_recv()
+        {
+            ids.push(id);
+        }
+        let result = async {
+            let mut conn = pool.get().await.map_err(StorageError::from)?;
+            table::delete(&mut conn, &ids).await
+        }
+        .await;
+        match result {
+            Ok(_) => {
+                failures = 0;
+                ids.clear();
+            }
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(error = %e, rows = ids.len(), "deleting published outbox rows failed; retrying");
+                tokio::time::sleep(Duration::from_millis(50 * 2u64.pow(failures.min(6)))).await;
+            }
+        }
+    }
 }
 
 /// Publishes outbox rows. Run one or several per deployment; they share the work without breaking per-aggregate

@@ -12,7 +12,7 @@ use diesel::prelude::*;
 use diesel::sql_types::{Double, Integer, Nullable, Text};
 use diesel_async::RunQueryDsl;
 use storage::schema::notification as n;
-use storage::{Conn, Result, UserId};
+use storage::{Conn, Result, UserId, prepared};
 
 /// A notification's status, as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -93,34 +93,38 @@ struct Attempt {
 /// worker that has not finished within `lease` (it crashed or was cancelled: the runner abandons a handler after
 /// `consumer.handler_timeout`, which is what `lease` should be). Anything else is final or in flight.
 pub async fn claim(conn: &mut Conn, new: &NewNotification<'_>, lease: Duration) -> Result<Claim> {
-    let inserted: Option<i32> = diesel::insert_into(n::table)
-        .values((
-            n::key.eq(new.key),
-            n::channel.eq(new.channel),
-            n::template.eq(new.template),
-            n::user_id.eq(new.user_id.0),
-            n::order_sn.eq(new.order_sn),
-            n::status.eq(Status::Claimed.as_str()),
-            n::attempts.eq(1),
-        ))
-        .on_conflict(n::key)
-        .do_nothing()
-        .returning(n::attempts)
-        .get_result(conn)
-        .await
-        .optional()?;
+    let inserted: Option<i32> = prepared(
+        diesel::insert_into(n::table)
+            .values((
+                n::key.eq(new.key),
+                n::channel.eq(new.channel),
+                n::template.eq(new.template),
+                n::user_id.eq(new.user_id.0),
+                n::order_sn.eq(new.order_sn),
+                n::status.eq(Status::Claimed.as_str()),
+                n::attempts.eq(1),
+            ))
+            .on_conflict(n::key)
+            .do_nothing()
+            .returning(n::attempts),
+    )
+    .get_result(conn)
+    .await
+    .optional()?;
     if let Some(attempt) = inserted {
         return Ok(Claim::Owned { attempt, resumed: false });
     }
     // The lease is measured on the database's clock, the same clock that stamped update_time.
-    let taken: Option<Attempt> = diesel::sql_query(
-        "UPDATE notification SET status = 'claimed', attempts = attempts + 1 \
+    let taken: Option<Attempt> = prepared(
+        diesel::sql_query(
+            "UPDATE notification SET status = 'claimed', attempts = attempts + 1 \
          WHERE key = $1 AND (status = 'retrying' \
            OR (status = 'claimed' AND update_time < now() - make_interval(secs => $2))) \
          RETURNING attempts",
+        )
+        .bind::<Text, _>(new.key)
+        .bind::<Double, _>(lease.as_secs_f64()),
     )
-    .bind::<Text, _>(new.key)
-    .bind::<Double, _>(lease.as_secs_f64())
     .get_result(conn)
     .await
     .optional()?;
@@ -148,16 +152,18 @@ pub struct Record<'a> {
 /// the key over after the lease ran out); the caller's outcome is then not recorded.
 pub async fn record(conn: &mut Conn, key: &str, attempt: i32, outcome: &Record<'_>) -> Result<bool> {
     let reason = outcome.reason.map(|r| r.chars().take(1000).collect::<String>());
-    let n = diesel::sql_query(
-        "UPDATE notification SET status = $3, provider_msg_id = COALESCE($4, provider_msg_id), last_error = $5, \
+    let n = prepared(
+        diesel::sql_query(
+            "UPDATE notification SET status = $3, provider_msg_id = COALESCE($4, provider_msg_id), last_error = $5, \
            sent_time = CASE WHEN $3 = 'sent' THEN now() ELSE sent_time END \
          WHERE key = $1 AND status = 'claimed' AND attempts = $2",
+        )
+        .bind::<Text, _>(key)
+        .bind::<Integer, _>(attempt)
+        .bind::<Text, _>(outcome.status.as_str())
+        .bind::<Nullable<Text>, _>(outcome.provider_msg_id)
+        .bind::<Nullable<Text>, _>(reason),
     )
-    .bind::<Text, _>(key)
-    .bind::<Integer, _>(attempt)
-    .bind::<Text, _>(outcome.status.as_str())
-    .bind::<Nullable<Text>, _>(outcome.provider_msg_id)
-    .bind::<Nullable<Text>, _>(reason)
     .execute(conn)
     .await?;
     Ok(n == 1)

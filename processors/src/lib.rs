@@ -35,7 +35,8 @@ pub async fn run_payment(
 ) -> Result<(), bus::BusError> {
     register_metrics();
     let spec = ConsumerSpec { name: PAYMENT_CONSUMER.into(), config };
-    Consumer::new(publisher, spec, PaymentProcessor::new(pool, appid, mchid)).run(shutdown).await
+    let outbox = bus::Outbox::new(pool.clone(), publisher.clone());
+    Consumer::new(publisher, spec, PaymentProcessor::new(pool, outbox, appid, mchid)).run(shutdown).await
 }
 
 /// Runs the order processor until `shutdown`.
@@ -47,7 +48,8 @@ pub async fn run_order(
 ) -> Result<(), bus::BusError> {
     register_metrics();
     let spec = ConsumerSpec { name: ORDER_CONSUMER.into(), config };
-    Consumer::new(publisher, spec, OrderProcessor::new(pool)).run(shutdown).await
+    let outbox = bus::Outbox::new(pool.clone(), publisher.clone());
+    Consumer::new(publisher, spec, OrderProcessor::new(pool, outbox)).run(shutdown).await
 }
 
 /// Runs the refund requester (`refund.requested` → WeChat's refund API) until `shutdown`.

@@ -8,9 +8,7 @@ use bus::events::{
     RefundReason, RefundRequested, SmsNotify,
 };
 use bus::{Delivery, Envelope, Handled, Handler, HandlerError};
-use storage::{
-    AsyncConnection, Conn, Fen, PayStatus, PgPool, StorageError, TradeState, UserId, orders, payments, processed, users,
-};
+use storage::{Conn, Fen, PayStatus, PgPool, StorageError, TradeState, UserId, orders, payments, processed, users};
 
 use crate::metrics;
 
@@ -20,11 +18,12 @@ pub const CONSUMER: &str = "order";
 /// Handler for the `order` consumer.
 pub struct OrderProcessor {
     pool: PgPool,
+    outbox: bus::Outbox,
 }
 
 impl OrderProcessor {
-    pub fn new(pool: PgPool) -> Self {
-        OrderProcessor { pool }
+    pub fn new(pool: PgPool, outbox: bus::Outbox) -> Self {
+        OrderProcessor { pool, outbox }
     }
 }
 
@@ -39,7 +38,7 @@ impl Handler for OrderProcessor {
         }
         let id = event.id.to_string();
         let mut conn = self.pool.get().await.map_err(StorageError::from)?;
-        conn.transaction::<_, HandlerError, _>(async |c| {
+        self.outbox.transaction::<_, HandlerError, _>(&mut conn, async |c, events| {
             if !processed::claim(c, CONSUMER, &id).await? {
                 return Ok(Handled::Duplicate);
             }
@@ -55,9 +54,10 @@ impl Handler for OrderProcessor {
                         from: TradeState::WaitPay,
                         to: TradeState::WaitUse,
                     };
-                    bus::enqueue(c, &changed.envelope()).await?;
+                    events.add(&changed.envelope());
                     request_notifications(
                         c,
+                        events,
                         &order,
                         p.user_id,
                         p.pay_total,
@@ -79,7 +79,7 @@ impl Handler for OrderProcessor {
                         reason: RefundReason::OrderClosed,
                         amount: p.pay_total,
                     };
-                    bus::enqueue(c, &refund.envelope()).await?;
+                    events.add(&refund.envelope());
                     metrics::refund_requested("order_closed");
                     Ok(Handled::Done)
                 }
@@ -101,6 +101,7 @@ async fn paid_by_another(c: &mut Conn, p: &PaymentStatusChanged) -> Result<bool,
 /// gave a mobile number; the notifier checks again when it sends), in the caller's transaction.
 pub(crate) async fn request_notifications(
     c: &mut Conn,
+    events: &mut bus::Events,
     order: &orders::OrderRow,
     user_id: UserId,
     amount: Fen,
@@ -118,12 +119,12 @@ pub(crate) async fn request_notifications(
     };
     for &template in mini {
         let req = NotificationRequest { template, user_id, params: params.clone() };
-        bus::enqueue(c, &MiniprogramNotify(req).envelope()).await?;
+        events.add(&MiniprogramNotify(req).envelope());
     }
     if !sms.is_empty() && users::find(c, user_id).await?.is_some_and(|u| u.mobile.is_some()) {
         for &template in sms {
             let req = NotificationRequest { template, user_id, params: params.clone() };
-            bus::enqueue(c, &SmsNotify(req).envelope()).await?;
+            events.add(&SmsNotify(req).envelope());
         }
     }
     Ok(())

@@ -5,21 +5,22 @@
 
 use bus::events::{PaymentStatusChanged, RefundReason, RefundRequested, WechatTransactionReported};
 use bus::{Delivery, Envelope, Handled, Handler, HandlerError};
-use storage::{AsyncConnection, DomainError, PayStatus, PaymentSn, PgPool, StorageError, Transition, UserId, payments};
+use storage::{DomainError, PayStatus, PaymentSn, PgPool, StorageError, Transition, UserId, payments};
 
 use crate::metrics;
 
 /// Handler for the `payment` consumer.
 pub struct PaymentProcessor {
     pool: PgPool,
+    outbox: bus::Outbox,
     appid: String,
     mchid: String,
 }
 
 impl PaymentProcessor {
     /// `appid` and `mchid` are ours: a report for another merchant or app is refused.
-    pub fn new(pool: PgPool, appid: impl Into<String>, mchid: impl Into<String>) -> Self {
-        PaymentProcessor { pool, appid: appid.into(), mchid: mchid.into() }
+    pub fn new(pool: PgPool, outbox: bus::Outbox, appid: impl Into<String>, mchid: impl Into<String>) -> Self {
+        PaymentProcessor { pool, outbox, appid: appid.into(), mchid: mchid.into() }
     }
 }
 
@@ -72,7 +73,7 @@ impl PaymentProcessor {
             pay_time,
         };
         let mut conn = self.pool.get().await.map_err(StorageError::from)?;
-        conn.transaction::<_, HandlerError, _>(async |c| {
+        self.outbox.transaction::<_, HandlerError, _>(&mut conn, async |c, events| {
             // The row lock serialises everything that happens to this payment, which also keeps its outbox events
             // in order for the relay.
             let payment = payments::lock_by_sn(c, sn)
@@ -99,7 +100,7 @@ impl PaymentProcessor {
                         transaction_id: Some(details.transaction_id.clone()),
                         pay_time: Some(pay_time),
                     };
-                    bus::enqueue(c, &changed.envelope()).await?;
+                    events.add(&changed.envelope());
                     Ok(Handled::Done)
                 }
                 Ok(Transition::Unchanged) => Ok(Handled::Duplicate),
@@ -118,7 +119,7 @@ impl PaymentProcessor {
                         reason: RefundReason::OrderClosed,
                         amount: payment.total(),
                     };
-                    bus::enqueue(c, &refund.envelope()).await?;
+                    events.add(&refund.envelope());
                     metrics::refund_requested("paid_after_close");
                     Ok(Handled::Done)
                 }
@@ -151,33 +152,34 @@ impl PaymentProcessor {
 
     async fn closed(&self, sn: &PaymentSn, r: &WechatTransactionReported) -> Result<Handled, HandlerError> {
         let mut conn = self.pool.get().await.map_err(StorageError::from)?;
-        conn.transaction::<_, HandlerError, _>(async |c| {
-            let payment = payments::lock_by_sn(c, sn)
-                .await?
-                .ok_or_else(|| refuse("unknown_payment", format!("unknown payment {sn}")))?;
-            match payments::transition(c, sn, PayStatus::Waiting, PayStatus::Closed, &r.trade_state).await {
-                Ok(Transition::Changed) => {
-                    let changed = PaymentStatusChanged {
-                        payment_sn: sn.clone(),
-                        order_sn: payment.order_sn(),
-                        user_id: UserId(payment.user_id),
-                        from: PayStatus::Waiting,
-                        to: PayStatus::Closed,
-                        pay_total: payment.total(),
-                        transaction_id: None,
-                        pay_time: None,
-                    };
-                    bus::enqueue(c, &changed.envelope()).await?;
-                    metrics::payment_transition(PayStatus::Waiting, PayStatus::Closed);
-                    Ok(Handled::Done)
+        self.outbox
+            .transaction::<_, HandlerError, _>(&mut conn, async |c, events| {
+                let payment = payments::lock_by_sn(c, sn)
+                    .await?
+                    .ok_or_else(|| refuse("unknown_payment", format!("unknown payment {sn}")))?;
+                match payments::transition(c, sn, PayStatus::Waiting, PayStatus::Closed, &r.trade_state).await {
+                    Ok(Transition::Changed) => {
+                        let changed = PaymentStatusChanged {
+                            payment_sn: sn.clone(),
+                            order_sn: payment.order_sn(),
+                            user_id: UserId(payment.user_id),
+                            from: PayStatus::Waiting,
+                            to: PayStatus::Closed,
+                            pay_total: payment.total(),
+                            transaction_id: None,
+                            pay_time: None,
+                        };
+                        events.add(&changed.envelope());
+                        metrics::payment_transition(PayStatus::Waiting, PayStatus::Closed);
+                        Ok(Handled::Done)
+                    }
+                    Ok(Transition::Unchanged) => Ok(Handled::Duplicate),
+                    // Closed at WeChat but paid here cannot happen (WeChat never closes a paid order); a stale
+                    // report that arrives after the payment moved on is a no-op.
+                    Err(StorageError::Domain(DomainError::Refused { .. })) => Ok(Handled::Duplicate),
+                    Err(e) => Err(e.into()),
                 }
-                Ok(Transition::Unchanged) => Ok(Handled::Duplicate),
-                // Closed at WeChat but paid here cannot happen (WeChat never closes a paid order); a stale
-                // report that arrives after the payment moved on is a no-op.
-                Err(StorageError::Domain(DomainError::Refused { .. })) => Ok(Handled::Duplicate),
-                Err(e) => Err(e.into()),
-            }
-        })
-        .await
+            })
+            .await
     }
 }

@@ -290,8 +290,10 @@ async fn succeeded(c: &mut storage::Conn, row: &RefundRow) -> Result<(), Handler
             tracing::warn!(order = %order_sn, state = ?order.state(), "refunded at the user's request, but the order is no longer waiting for its stay");
         }
     }
+    let mut events = bus::Events::default();
     crate::order::request_notifications(
         c,
+        &mut events,
         &order,
         storage::UserId(row.user_id),
         row.total(),
@@ -299,6 +301,7 @@ async fn succeeded(c: &mut storage::Conn, row: &RefundRow) -> Result<(), Handler
         &[NotifyTemplate::RefundSuccess],
     )
     .await?;
+    bus::enqueue_events(c, events).await?;
     metrics::refund_outcome("succeeded");
     tracing::info!(refund = %row.sn, payment = %payment_sn, order = %order_sn, "refund succeeded");
     Ok(())

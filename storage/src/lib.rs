@@ -11,6 +11,7 @@ pub mod homestays;
 pub mod orders;
 pub mod outbox;
 pub mod payments;
+mod prepared;
 pub mod processed;
 pub mod refunds;
 pub mod schema;
@@ -22,3 +23,4 @@ pub use domain::{
     AuthType, DomainError, Fen, HomestayId, OrderId, OrderSn, PayStatus, PaymentSn, RefundSn, RefundStatus, TradeState,
     Transition, UserId,
 };
+pub use prepared::{Prepared, prepared};

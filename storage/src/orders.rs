@@ -6,6 +6,7 @@ use diesel_async::RunQueryDsl;
 
 use crate::db::{Conn, Result};
 use crate::domain::{DomainError, Fen, HomestayId, OrderId, OrderSn, TradeState, Transition, UserId};
+use crate::prepared::prepared;
 use crate::schema::homestay_order as o;
 
 /// A stored order.
@@ -90,7 +91,7 @@ pub struct NewOrder {
 }
 
 pub async fn insert(conn: &mut Conn, new: &NewOrder) -> Result<OrderRow> {
-    Ok(diesel::insert_into(o::table).values(new).returning(OrderRow::as_returning()).get_result(conn).await?)
+    Ok(prepared(diesel::insert_into(o::table).values(new).returning(OrderRow::as_returning())).get_result(conn).await?)
 }
 
 pub async fn find_by_sn(conn: &mut Conn, sn: &OrderSn) -> Result<Option<OrderRow>> {
@@ -164,12 +165,14 @@ pub async fn transition(conn: &mut Conn, sn: &OrderSn, from: TradeState, to: Tra
     if from.transition(to)? == Transition::Unchanged {
         return Ok(Transition::Unchanged);
     }
-    let changed = diesel::update(o::table)
-        .filter(o::sn.eq(sn.as_str()))
-        .filter(o::trade_state.eq(from.code()))
-        .set(o::trade_state.eq(to.code()))
-        .execute(conn)
-        .await?;
+    let changed = prepared(
+        diesel::update(o::table)
+            .filter(o::sn.eq(sn.as_str()))
+            .filter(o::trade_state.eq(from.code()))
+            .set(o::trade_state.eq(to.code())),
+    )
+    .execute(conn)
+    .await?;
     if changed == 1 {
         return Ok(Transition::Changed);
     }

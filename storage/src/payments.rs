@@ -6,6 +6,7 @@ use diesel_async::RunQueryDsl;
 
 use crate::db::{Conn, Result};
 use crate::domain::{DomainError, Fen, OrderSn, PayStatus, PaymentSn, Transition, UserId};
+use crate::prepared::prepared;
 use crate::schema::third_payment as p;
 
 /// A stored payment.
@@ -75,7 +76,9 @@ impl NewPayment {
 /// Inserts a waiting payment. A second open payment for the same order fails with the
 /// `third_payment_one_open_per_order` conflict; callers reuse the open one instead.
 pub async fn insert(conn: &mut Conn, new: &NewPayment) -> Result<PaymentRow> {
-    Ok(diesel::insert_into(p::table).values(new).returning(PaymentRow::as_returning()).get_result(conn).await?)
+    Ok(prepared(diesel::insert_into(p::table).values(new).returning(PaymentRow::as_returning()))
+        .get_result(conn)
+        .await?)
 }
 
 pub async fn find_by_sn(conn: &mut Conn, sn: &PaymentSn) -> Result<Option<PaymentRow>> {
@@ -115,12 +118,14 @@ pub async fn list_for_order(conn: &mut Conn, order: &OrderSn) -> Result<Vec<Paym
 
 /// Remembers the prepay id WeChat gave for this payment (valid two hours), so a retried prepay can reuse it.
 pub async fn record_prepay(conn: &mut Conn, sn: &PaymentSn, prepay_id: &str, at: DateTime<Utc>) -> Result<bool> {
-    let n = diesel::update(p::table)
-        .filter(p::sn.eq(sn.as_str()))
-        .filter(p::pay_status.eq(PayStatus::Waiting.code()))
-        .set((p::prepay_id.eq(prepay_id), p::prepay_time.eq(at)))
-        .execute(conn)
-        .await?;
+    let n = prepared(
+        diesel::update(p::table)
+            .filter(p::sn.eq(sn.as_str()))
+            .filter(p::pay_status.eq(PayStatus::Waiting.code()))
+            .set((p::prepay_id.eq(prepay_id), p::prepay_time.eq(at))),
+    )
+    .execute(conn)
+    .await?;
     Ok(n == 1)
 }
 
@@ -139,19 +144,20 @@ pub struct PaidDetails {
 /// waiting → paid, with WeChat's details, only if the payment is still waiting. A replay of the same success is
 /// [`Transition::Unchanged`]; a payment in any other state is refused.
 pub async fn mark_paid(conn: &mut Conn, sn: &PaymentSn, paid: &PaidDetails) -> Result<Transition> {
-    let n = diesel::update(p::table)
-        .filter(p::sn.eq(sn.as_str()))
-        .filter(p::pay_status.eq(PayStatus::Waiting.code()))
-        .set((
-            p::pay_status.eq(PayStatus::Paid.code()),
-            p::transaction_id.eq(&paid.transaction_id),
-            p::trade_type.eq(&paid.trade_type),
-            p::trade_state.eq(&paid.trade_state),
-            p::trade_state_desc.eq(&paid.trade_state_desc),
-            p::pay_time.eq(paid.pay_time),
-        ))
-        .execute(conn)
-        .await?;
+    let n = prepared(
+        diesel::update(p::table).filter(p::sn.eq(sn.as_str())).filter(p::pay_status.eq(PayStatus::Waiting.code())).set(
+            (
+                p::pay_status.eq(PayStatus::Paid.code()),
+                p::transaction_id.eq(&paid.transaction_id),
+                p::trade_type.eq(&paid.trade_type),
+                p::trade_state.eq(&paid.trade_state),
+                p::trade_state_desc.eq(&paid.trade_state_desc),
+                p::pay_time.eq(paid.pay_time),
+            ),
+        ),
+    )
+    .execute(conn)
+    .await?;
     if n == 1 {
         return Ok(Transition::Changed);
     }
@@ -169,12 +175,14 @@ pub async fn transition(
     if from.transition(to)? == Transition::Unchanged {
         return Ok(Transition::Unchanged);
     }
-    let n = diesel::update(p::table)
-        .filter(p::sn.eq(sn.as_str()))
-        .filter(p::pay_status.eq(from.code()))
-        .set((p::pay_status.eq(to.code()), p::trade_state.eq(raw_state)))
-        .execute(conn)
-        .await?;
+    let n = prepared(
+        diesel::update(p::table)
+            .filter(p::sn.eq(sn.as_str()))
+            .filter(p::pay_status.eq(from.code()))
+            .set((p::pay_status.eq(to.code()), p::trade_state.eq(raw_state))),
+    )
+    .execute(conn)
+    .await?;
     if n == 1 {
         return Ok(Transition::Changed);
     }

@@ -6,16 +6,17 @@ use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 
 use crate::db::{Conn, Result};
+use crate::prepared::prepared;
 use crate::schema::processed_event as pe;
 
 /// Records that `consumer` handled `key`. Returns `false` if it already had (the caller skips its side effect but
 /// still acknowledges the message).
 pub async fn claim(conn: &mut Conn, consumer: &str, key: &str) -> Result<bool> {
-    let n = diesel::insert_into(pe::table)
-        .values((pe::consumer.eq(consumer), pe::key.eq(key)))
-        .on_conflict_do_nothing()
-        .execute(conn)
-        .await?;
+    let n = prepared(
+        diesel::insert_into(pe::table).values((pe::consumer.eq(consumer), pe::key.eq(key))).on_conflict_do_nothing(),
+    )
+    .execute(conn)
+    .await?;
     Ok(n == 1)
 }
 
