@@ -16,6 +16,7 @@
 //! also claim the event id in `processed_event`, which covers a relay that stays down longer than the window.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
@@ -42,7 +43,7 @@ pub async fn enqueue_events(conn: &mut Conn, events: Events) -> Result<(), Stora
     if events.is_empty() {
         return Ok(());
     }
-    table::insert_all(conn, &events.rows).await?;
+    table::insert_all(conn, &events.rows, &[]).await?;
     table::wake_relays(conn).await
 }
 
@@ -93,22 +94,39 @@ where
 }
 
 /// Transactions that announce what they changed, and publish it themselves once committed. Cheap to clone; the
-/// deletes of published rows run on a background task that ends (after a last flush) when every clone is dropped.
+/// deletes of published rows run on a background task that ends once every clone is dropped and the rows it knows
+/// of are deleted.
 #[derive(Clone)]
 pub struct Outbox {
     publisher: Publisher,
-    published: tokio::sync::mpsc::UnboundedSender<i64>,
+    acked: Arc<Acked>,
 }
 
-/// Published rows deleted per statement, at most.
+/// Rows this process published (PubAck in) and has not deleted yet. A new row of the same aggregate may still go
+/// out at once: its predecessor is already in the stream. Rows published by other processes are not known here, so
+/// a row behind one of those waits for the relays (rare: writers of one aggregate follow each other closely only
+/// inside one processor).
+#[derive(Default)]
+struct Acked {
+    ids: std::sync::Mutex<Vec<i64>>,
+    arrived: tokio::sync::Notify,
+}
+
+impl Acked {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<i64>> {
+        self.ids.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Published rows deleted per statement, at most; also the most ids a writer passes as already published.
 const DELETE_BATCH: usize = 512;
 
 impl Outbox {
     /// Must be called inside a tokio runtime (it starts the delete task).
     pub fn new(pool: PgPool, publisher: Publisher) -> Self {
-        let (published, rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(delete_published(pool, rx));
-        Outbox { publisher, published }
+        let acked = Arc::new(Acked::default());
+        tokio::spawn(delete_published(pool, Arc::downgrade(&acked)));
+        Outbox { publisher, acked }
     }
 
     /// Runs `body` in a transaction on `conn`; the events it stages are written in the same transaction (one
@@ -122,12 +140,17 @@ impl Outbox {
     {
         let mut events = Events::default();
         let events_ref = &mut events;
+        let acked = &self.acked;
         let (result, written) = conn
             .transaction::<_, E, _>(async move |c| {
                 let result = body(c, events_ref).await?;
-                let written = table::insert_all(c, &events_ref.rows).await?;
+                if events_ref.rows.is_empty() {
+                    return Ok((result, Vec::new()));
+                }
+                let published: Vec<i64> = acked.lock().iter().take(DELETE_BATCH).copied().collect();
+                let written = table::insert_all(c, &events_ref.rows, &published).await?;
                 if written.iter().any(|w| !w.head) {
-                    // An earlier event of the aggregate is still in the outbox: the relays publish this one after it.
+                    // An earlier event of the aggregate is still on its way: the relays publish this one after it.
                     table::wake_relays(c).await?;
                 }
                 Ok((result, written))
@@ -159,14 +182,15 @@ impl Outbox {
         if pending.is_empty() {
             return;
         }
-        let published = self.published.clone();
+        let acked = self.acked.clone();
         tokio::spawn(async move {
             for (id, subject, ack) in pending {
                 match ack.await {
                     Ok(ack) => {
                         metrics::published(&subject, ack.duplicate);
                         metrics::relayed(&subject, 1);
-                        let _ = published.send(id);
+                        acked.lock().push(id);
+                        acked.arrived.notify_one();
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "no PubAck after commit; the relays will publish it");
@@ -178,33 +202,32 @@ impl Outbox {
     }
 }
 
-/// Deletes published rows in batches: one statement for whatever arrived while the previous one ran. A failed
-/// delete is retried; rows it leaves behind would only be published again (and dropped by JetStream).
-async fn delete_published(pool: PgPool, mut rx: tokio::sync::mpsc::UnboundedReceiver<i64>) {
-    let mut ids = Vec::with_capacity(DELETE_BATCH);
+/// Deletes published rows in batches: one statement for whatever was acknowledged while the previous one ran. A
+/// failed delete is retried; rows it leaves behind would only be published again (and dropped by JetStream).
+async fn delete_published(pool: PgPool, acked: std::sync::Weak<Acked>) {
     let mut failures = 0u32;
     loop {
-        if ids.is_empty() && rx.recv_many(&mut ids, DELETE_BATCH).await == 0 {
-            return;
-        }
-        while ids.len() < DELETE_BATCH
-            && let Ok(id) = rx.try_recv()
-        {
-            ids.push(id);
+        let Some(acked) = acked.upgrade() else { return };
+        let batch: Vec<i64> = acked.lock().iter().take(DELETE_BATCH).copied().collect();
+        if batch.is_empty() {
+            // Woken by the next PubAck, or after a while to see whether the outbox is still in use.
+            let _ = tokio::time::timeout(Duration::from_secs(1), acked.arrived.notified()).await;
+            continue;
         }
         let result = async {
             let mut conn = pool.get().await.map_err(StorageError::from)?;
-            table::delete(&mut conn, &ids).await
+            table::delete(&mut conn, &batch).await
         }
         .await;
         match result {
             Ok(_) => {
                 failures = 0;
-                ids.clear();
+                // Only now may writers stop treating these rows as published-and-present.
+                acked.lock().drain(..batch.len());
             }
             Err(e) => {
                 failures += 1;
-                tracing::warn!(error = %e, rows = ids.len(), "deleting published outbox rows failed; retrying");
+                tracing::warn!(error = %e, rows = batch.len(), "deleting published outbox rows failed; retrying");
                 tokio::time::sleep(Duration::from_millis(50 * 2u64.pow(failures.min(6)))).await;
             }
         }

@@ -210,3 +210,89 @@ async fn a_rolled_back_transaction_publishes_nothing() {
     assert_eq!(Envelope::<Job>::decode(&messages[0].payload).unwrap().payload.seq, 1);
     assert_eq!(env.stream_count(&env.topology().stream_of(Subject::OrderStatus)).await, 1);
 }
+
+/// Writes `events` through the fast path: one transaction, published by the writer after its commit.
+async fn write_fast(outbox: &bus::Outbox, env: &Env, events: &[Envelope<Job>]) {
+    let mut conn = env.pool.get().await.unwrap();
+    outbox
+        .transaction::<_, StorageError, _>(&mut conn, async |_c, staged| {
+            for e in events {
+                staged.add(e);
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_writer_publishes_its_own_events_after_commit_and_the_rows_go_without_any_relay() {
+    let env = Env::new().await;
+    let outbox = bus::Outbox::new(env.pool.clone(), env.publisher.clone());
+    let stream = env.topology().stream_of(Subject::OrderStatus);
+    // Each transaction follows the PubAck of the one before, as a processor's next event of an aggregate follows
+    // a consumer hop: published but not yet deleted, the earlier rows do not hold the next ones back.
+    for i in 0..3u64 {
+        write_fast(&outbox, &env, &[job("agg", 2 * i, Mode::Succeed), job("agg", 2 * i + 1, Mode::Succeed)]).await;
+        testkit::eventually(Duration::from_secs(5), "published by the writer", || async {
+            (env.stream_count(&stream).await == 2 * i + 2).then_some(())
+        })
+        .await;
+    }
+    let messages = env.read_all(&env.topology().subject(Subject::OrderStatus), 6).await;
+    assert_in_order_exactly_once(&messages, 1, 6);
+    testkit::eventually(Duration::from_secs(5), "published rows deleted", || async {
+        (outbox_depth(&env).await == 0).then_some(())
+    })
+    .await;
+    assert_eq!(env.stream_count(&stream).await, 6);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_behind_an_unpublished_one_of_its_aggregate_waits_for_the_relay_and_keeps_the_order() {
+    let env = Env::new().await;
+    let outbox = bus::Outbox::new(env.pool.clone(), env.publisher.clone());
+    let subject = env.topology().subject(Subject::OrderStatus);
+    let stream = env.topology().stream_of(Subject::OrderStatus);
+    // seq 0 left to the relays (none runs yet); seq 1 of the same aggregate must not overtake it, while another
+    // aggregate's event goes out at once.
+    write(&env, &[job("agg", 0, Mode::Succeed)]).await;
+    write_fast(&outbox, &env, &[job("agg", 1, Mode::Succeed)]).await;
+    write_fast(&outbox, &env, &[job("other", 0, Mode::Succeed)]).await;
+    let first = env.read_all(&subject, 1).await;
+    assert_eq!(Envelope::<Job>::decode(&first[0].payload).unwrap().payload.aggregate, "other");
+    testkit::eventually(Duration::from_secs(5), "the other aggregate's row deleted", || async {
+        (outbox_depth(&env).await == 2).then_some(())
+    })
+    .await;
+    assert_eq!(env.stream_count(&stream).await, 1, "agg's events wait for the relay");
+
+    relay(&env, OutboxConfig::default()).drain().await.unwrap();
+    let messages = env.read_all(&subject, 3).await;
+    let agg: Vec<_> = messages
+        .iter()
+        .filter(|m| Envelope::<Job>::decode(&m.payload).unwrap().payload.aggregate == "agg")
+        .cloned()
+        .collect();
+    assert_in_order_exactly_once(&agg, 1, 2);
+    assert_eq!(outbox_depth(&env).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rolled_back_fast_transaction_publishes_nothing() {
+    let env = Env::new().await;
+    let outbox = bus::Outbox::new(env.pool.clone(), env.publisher.clone());
+    let mut conn = env.pool.get().await.unwrap();
+    let failed = outbox
+        .transaction::<(), StorageError, _>(&mut conn, async |_c, staged| {
+            staged.add(&job("agg", 0, Mode::Succeed));
+            Err(StorageError::Unavailable("the state change failed".into()))
+        })
+        .await;
+    assert!(failed.is_err());
+    write_fast(&outbox, &env, &[job("agg", 1, Mode::Succeed)]).await;
+    let messages = env.read_all(&env.topology().subject(Subject::OrderStatus), 1).await;
+    assert_eq!(Envelope::<Job>::decode(&messages[0].payload).unwrap().payload.seq, 1);
+    assert_eq!(env.stream_count(&env.topology().stream_of(Subject::OrderStatus)).await, 1);
+    assert_eq!(outbox_depth(&env).await, 0);
+}

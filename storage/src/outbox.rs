@@ -74,8 +74,9 @@ pub struct Written {
 }
 
 /// Writes `rows` in one statement (in the caller's transaction), in their order, and says which are heads of their
-/// aggregate. One fixed SQL text whatever the number of rows, so the statement is prepared once per connection.
-pub async fn insert_all(conn: &mut Conn, rows: &[NewOutboxRow]) -> Result<Vec<Written>> {
+/// aggregate, not counting rows in `published` (already stored by JetStream, not yet deleted). One fixed SQL text
+/// whatever the number of rows, so the statement is prepared once per connection.
+pub async fn insert_all(conn: &mut Conn, rows: &[NewOutboxRow], published: &[i64]) -> Result<Vec<Written>> {
     if rows.is_empty() {
         return Ok(Vec::new());
     }
@@ -92,13 +93,15 @@ pub async fn insert_all(conn: &mut Conn, rows: &[NewOutboxRow]) -> Result<Vec<Wr
              SELECT e, a, s, h, p FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::bytea[]) \
                   WITH ORDINALITY AS u(e, a, s, h, p, n) ORDER BY n \
              RETURNING id, event_id, \
-                  NOT EXISTS (SELECT 1 FROM outbox o WHERE o.aggregate = outbox.aggregate AND o.id < outbox.id) AS head",
+                  NOT EXISTS (SELECT 1 FROM outbox o WHERE o.aggregate = outbox.aggregate AND o.id < outbox.id \
+                                AND o.id <> ALL($6)) AS head",
         )
         .bind::<Array<SqlUuid>, _>(event_ids)
         .bind::<Array<Text>, _>(aggregates)
         .bind::<Array<Text>, _>(subjects)
         .bind::<Array<Jsonb>, _>(headers)
-        .bind::<Array<Bytea>, _>(payloads),
+        .bind::<Array<Bytea>, _>(payloads)
+        .bind::<Array<BigInt>, _>(published),
     )
     .load(conn)
     .await?)
