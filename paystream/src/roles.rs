@@ -216,6 +216,9 @@ fn spawn_processor(
             let refunds =
                 processors::RefundReconciler::new(pool.clone(), publisher.clone(), pay.clone(), cfg.refund.clone());
             let mchid = wechat.mchid.clone();
+            // A consumed key can come back while its event is in a stream (redelivery, replay): keep it a day longer.
+            let retention = cfg.nats.max_age + std::time::Duration::from_secs(86_400);
+            let prune_pool = pool.clone();
             tokio::spawn(async move {
                 // A consumer that cannot run stops the whole role (the caller then stops the process), rather than
                 // leaving the closer running without its refunds.
@@ -235,6 +238,7 @@ fn spawn_processor(
                     closer.run(stop.clone()),
                     reconciler.run(stop.clone()),
                     refunds.run(stop.clone()),
+                    processors::prune_processed(prune_pool, retention, stop.clone()),
                 );
                 requests?;
                 status?;

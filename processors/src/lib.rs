@@ -52,6 +52,30 @@ pub async fn run_order(
     Consumer::new(publisher, spec, OrderProcessor::new(pool, outbox)).run(shutdown).await
 }
 
+/// Keeps `processed_event` bounded until `shutdown`: every ten minutes, deletes the keys claimed more than
+/// `retention` ago (in batches, so a large backlog never holds a long transaction). Only the order consumer claims
+/// keys there (the others are idempotent through conditional updates or the notifier's ledger); a key is needed
+/// while its event can come back, so `retention` must exceed the streams' `nats.max_age`.
+pub async fn prune_processed(pool: storage::PgPool, retention: std::time::Duration, shutdown: CancellationToken) {
+    const BATCH: i64 = 10_000;
+    periodic::every(std::time::Duration::from_secs(600), shutdown, "pruning processed_event", || async {
+        let mut conn = pool.get().await.map_err(storage::StorageError::from)?;
+        let mut total = 0;
+        loop {
+            let n = storage::processed::prune(&mut conn, retention, BATCH).await?;
+            total += n;
+            if (n as i64) < BATCH {
+                break;
+            }
+        }
+        if total > 0 {
+            tracing::info!(deleted = total, "processed_event pruned");
+        }
+        Ok::<_, storage::StorageError>(())
+    })
+    .await
+}
+
 /// Runs the refund requester (`refund.requested` → WeChat's refund API) until `shutdown`.
 pub async fn run_refund_requests(
     publisher: Publisher,

@@ -26,3 +26,20 @@ pub async fn seen(conn: &mut Conn, consumer: &str, key: &str) -> Result<bool> {
         .get_result(conn)
         .await?)
 }
+
+/// Deletes up to `limit` keys claimed longer than `older_than` ago; returns how many. A key is only needed while
+/// its event can still be delivered again: keep `older_than` above the streams' `max_age`.
+pub async fn prune(conn: &mut Conn, older_than: std::time::Duration, limit: i64) -> Result<usize> {
+    use diesel::sql_types::{BigInt, Double};
+    Ok(prepared(
+        diesel::sql_query(
+            "DELETE FROM processed_event WHERE ctid = ANY(ARRAY( \
+                 SELECT ctid FROM processed_event \
+                 WHERE processed_time < now() - make_interval(secs => $1) LIMIT $2))",
+        )
+        .bind::<Double, _>(older_than.as_secs_f64())
+        .bind::<BigInt, _>(limit),
+    )
+    .execute(conn)
+    .await?)
+}

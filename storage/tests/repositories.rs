@@ -291,6 +291,23 @@ async fn processed_events_are_claimed_once_per_consumer() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn processed_events_are_pruned_only_past_their_retention() {
+    let (_db, mut conn) = fresh().await;
+    for i in 0..5 {
+        assert!(processed::claim(&mut conn, "order", &format!("old-{i}")).await.unwrap());
+    }
+    let age = diesel::sql_query("UPDATE processed_event SET processed_time = now() - interval '9 days'");
+    storage::RunQueryDsl::execute(age, &mut conn).await.unwrap();
+    assert!(processed::claim(&mut conn, "order", "recent").await.unwrap());
+    let week = std::time::Duration::from_secs(8 * 86_400);
+    assert_eq!(processed::prune(&mut conn, week, 3).await.unwrap(), 3, "at most the limit per call");
+    assert_eq!(processed::prune(&mut conn, week, 3).await.unwrap(), 2);
+    assert_eq!(processed::prune(&mut conn, week, 3).await.unwrap(), 0);
+    assert!(processed::seen(&mut conn, "order", "recent").await.unwrap(), "a key inside its retention stays");
+    assert!(!processed::seen(&mut conn, "order", "old-0").await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_database_refuses_invalid_values_even_if_code_would_not() {
     let (_db, mut conn) = fresh().await;
     for sql in [

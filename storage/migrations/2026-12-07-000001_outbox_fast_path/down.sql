@@ -1,3 +1,4 @@
+DROP INDEX processed_event_time;
 CREATE FUNCTION paystream_outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
   PERFORM pg_notify('paystream_outbox', '');

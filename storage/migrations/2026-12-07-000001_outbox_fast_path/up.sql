@@ -4,3 +4,7 @@
 -- explicitly (storage::outbox::wake_relays); relays also poll.
 DROP TRIGGER outbox_notify ON outbox;
 DROP FUNCTION paystream_outbox_notify();
+
+-- processed_event is pruned past the streams' retention (storage::processed::prune); a BRIN index finds the old
+-- rows (they are inserted in time order) for almost nothing per insert.
+CREATE INDEX processed_event_time ON processed_event USING brin (processed_time);
