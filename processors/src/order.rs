@@ -42,30 +42,18 @@ impl Handler for OrderProcessor {
             if !processed::claim(c, CONSUMER, &id).await? {
                 return Ok(Handled::Duplicate);
             }
+            // The common case in one statement (which also takes the row lock): the order was waiting for this money.
+            if let Some(order) = orders::pay_if_waiting(c, &p.order_sn).await? {
+                announce_paid(c, events, &order, &p).await?;
+                return Ok(Handled::Done);
+            }
             let order = orders::lock_by_sn(c, &p.order_sn)
                 .await?
                 .ok_or_else(|| HandlerError::Permanent(format!("payment {} is for unknown order {}", p.payment_sn, p.order_sn)))?;
             match order.state() {
                 TradeState::WaitPay => {
                     orders::transition(c, &p.order_sn, TradeState::WaitPay, TradeState::WaitUse).await?;
-                    let changed = OrderStatusChanged {
-                        order_sn: p.order_sn.clone(),
-                        user_id: p.user_id,
-                        from: TradeState::WaitPay,
-                        to: TradeState::WaitUse,
-                    };
-                    events.add(&changed.envelope());
-                    request_notifications(
-                        c,
-                        events,
-                        &order,
-                        p.user_id,
-                        p.pay_total,
-                        &[NotifyTemplate::PaySuccess, NotifyTemplate::CheckinNotice],
-                        &[NotifyTemplate::PaySuccess],
-                    )
-                    .await?;
-                    metrics::order_transition(TradeState::WaitPay, TradeState::WaitUse);
+                    announce_paid(c, events, &order, &p).await?;
                     Ok(Handled::Done)
                 }
                 TradeState::WaitUse if !paid_by_another(c, &p).await? => Ok(Handled::Duplicate),
@@ -87,6 +75,34 @@ impl Handler for OrderProcessor {
         })
         .await
     }
+}
+
+/// The order is paid: tell the world and ask for the pay-success and check-in messages.
+async fn announce_paid(
+    c: &mut Conn,
+    events: &mut bus::Events,
+    order: &orders::OrderRow,
+    p: &PaymentStatusChanged,
+) -> Result<(), StorageError> {
+    let changed = OrderStatusChanged {
+        order_sn: p.order_sn.clone(),
+        user_id: p.user_id,
+        from: TradeState::WaitPay,
+        to: TradeState::WaitUse,
+    };
+    events.add(&changed.envelope());
+    request_notifications(
+        c,
+        events,
+        order,
+        p.user_id,
+        p.pay_total,
+        &[NotifyTemplate::PaySuccess, NotifyTemplate::CheckinNotice],
+        &[NotifyTemplate::PaySuccess],
+    )
+    .await?;
+    metrics::order_transition(TradeState::WaitPay, TradeState::WaitUse);
+    Ok(())
 }
 
 /// Whether the order's paid state belongs to a payment other than this one (a second payment for one order).

@@ -74,8 +74,23 @@ impl PaymentProcessor {
         };
         let mut conn = self.pool.get().await.map_err(StorageError::from)?;
         self.outbox.transaction::<_, HandlerError, _>(&mut conn, async |c, events| {
-            // The row lock serialises everything that happens to this payment, which also keeps its outbox events
-            // in order for the relay.
+            // The common case in one statement. Its row lock, like `lock_by_sn`'s below, serialises everything that
+            // happens to this payment, which also keeps its outbox events in order.
+            if let Some(p) = payments::pay_if_waiting(c, sn, total, &details).await? {
+                let changed = PaymentStatusChanged {
+                    payment_sn: sn.clone(),
+                    order_sn: p.order_sn(),
+                    user_id: UserId(p.user_id),
+                    from: PayStatus::Waiting,
+                    to: PayStatus::Paid,
+                    pay_total: p.total(),
+                    transaction_id: Some(details.transaction_id.clone()),
+                    pay_time: Some(pay_time),
+                };
+                events.add(&changed.envelope());
+                return Ok(Handled::Done);
+            }
+            // Not a waiting payment of that amount: find out why, under the row lock.
             let payment = payments::lock_by_sn(c, sn)
                 .await?
                 .ok_or_else(|| refuse("unknown_payment", format!("unknown payment {sn}")))?;

@@ -158,6 +158,21 @@ pub async fn unpaid_past_deadline(conn: &mut Conn, now: DateTime<Utc>, limit: i6
         .await?)
 }
 
+/// waitPay → waitUse in one statement, returning the order as it now is; `None` when it was not waiting for
+/// payment (or does not exist), which the caller then looks into under [`lock_by_sn`].
+pub async fn pay_if_waiting(conn: &mut Conn, sn: &OrderSn) -> Result<Option<OrderRow>> {
+    Ok(prepared(
+        diesel::update(o::table)
+            .filter(o::sn.eq(sn.as_str()))
+            .filter(o::trade_state.eq(TradeState::WaitPay.code()))
+            .set(o::trade_state.eq(TradeState::WaitUse.code()))
+            .returning(OrderRow::as_returning()),
+    )
+    .get_result(conn)
+    .await
+    .optional()?)
+}
+
 /// Moves an order from `from` to `to`, only if it is in `from` now. Checks the arrow first, so a refused
 /// transition never reaches the database. When the row is not in `from`: already in `to` is a replay
 /// ([`Transition::Unchanged`]); anything else is refused with the state it is really in.
