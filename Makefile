@@ -8,7 +8,7 @@ CARGO ?= cargo
 # Tests and tools read the infrastructure's addresses from here (written by scripts/infra.sh up).
 WITH_INFRA := set -a; source .run/infra.env; set +a;
 
-.PHONY: demo test lint rules k8s infra infra-down bench bench-pipeline toolchain image-rehearsal
+.PHONY: demo test lint rules k8s infra infra-down bench bench-pipeline bench-e2e toolchain image-rehearsal
 
 toolchain:
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs) and retry" >&2; exit 1; }
@@ -44,6 +44,12 @@ bench: toolchain infra
 bench-pipeline: toolchain infra
 	$(CARGO) build -q --release -p paystream
 	PAYSTREAM_BIN=target/release/paystream scripts/demo.sh bench
+
+# Open loop, end to end (callback → order paid → notifications) at fixed offered rates, on a system it starts itself;
+# options pass through ARGS, e.g. make bench-e2e ARGS="--rates 500 --duration 10s" (paystream bench e2e --help).
+bench-e2e: toolchain infra
+	$(CARGO) build -q --release -p paystream
+	$(WITH_INFRA) PAYSTREAM__TELEMETRY__LOG_FILTER=warn target/release/paystream bench e2e $(ARGS)
 
 # The Dockerfile's build and runtime stages without a container engine (slow: a release build; needs root).
 image-rehearsal: toolchain

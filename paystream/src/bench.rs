@@ -39,6 +39,9 @@ pub enum Which {
         #[arg(long)]
         sandbox: String,
     },
+    /// Open loop, end to end: signed callbacks at fixed rates → order paid → notifications delivered, on a system
+    /// it starts itself (`make bench-e2e`).
+    E2e(crate::bench_e2e::E2eArgs),
 }
 
 pub async fn run(cfg: &Config, which: Which) -> anyhow::Result<()> {
@@ -47,6 +50,7 @@ pub async fn run(cfg: &Config, which: Which) -> anyhow::Result<()> {
         Which::Pipeline { users, concurrency, api, sandbox } => {
             crate::bench_pipeline::run(cfg, users, concurrency.max(1), &api, &sandbox).await
         }
+        Which::E2e(args) => crate::bench_e2e::run(cfg, args).await,
     }
 }
 

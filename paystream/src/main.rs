@@ -2,6 +2,7 @@
 
 mod admin;
 mod bench;
+mod bench_e2e;
 mod bench_pipeline;
 mod config;
 mod demo;

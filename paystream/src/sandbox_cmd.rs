@@ -3,7 +3,7 @@
 //!
 //! - `paystream sandbox init --dir DIR [--listen ADDR] [--notify-url URL] [--force]` writes a
 //!   development identity and `DIR/paystream.toml` (base URLs pointing at ADDR).
-//! - `paystream sandbox --dir DIR [--listen ADDR] [--time-scale F]` serves it (creating the
+//! - `paystream sandbox --dir DIR [--listen ADDR] [--time-scale F] [--max-records N]` serves it (creating the
 //!   identity first if DIR has none). Port 0 is allowed: the first line of stdout is
 //!   `listening on http://HOST:PORT`, and `DIR/paystream.toml` is rewritten with that address.
 
@@ -61,6 +61,10 @@ pub struct ServeArgs {
     /// development cluster calling the ingress's Service. Off by default.
     #[arg(long)]
     pub allow_remote_callbacks: bool,
+    /// Records each journal keeps (callback attempts, subscribe messages, SMS); the oldest go first. Default: the
+    /// sandbox's (100,000).
+    #[arg(long)]
+    pub max_records: Option<usize>,
 }
 
 /// Runs `paystream sandbox …` until `shutdown` fires (serve) or the identity is written (init).
@@ -86,10 +90,12 @@ async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<(
     let identity = sandbox::load_or_init(&dir).with_context(|| format!("loading the identity in {}", dir.display()))?;
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    let defaults = sandbox::SandboxOptions::default();
     let options = sandbox::SandboxOptions {
         time_scale: args.time_scale,
         allow_remote_callbacks: args.allow_remote_callbacks,
-        ..Default::default()
+        max_records: args.max_records.unwrap_or(defaults.max_records),
+        ..defaults
     };
     let server = sandbox::Sandbox::bind(identity, options, listener).context("starting the sandbox")?;
     // The first line of stdout is the contract with scripts and tests that start us on port 0.

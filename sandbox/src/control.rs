@@ -76,14 +76,25 @@ pub(crate) async fn callbacks(
     Json(json!({"data": list}))
 }
 
-/// `GET /sandbox/v1/subscribe-messages[?touser=]`.
+/// `GET /sandbox/v1/subscribe-messages[?touser=&after=MSGID&limit=N]`: `after` lists only messages newer than
+/// that msgid (msgids increase), so a load run can read what arrived since its last look without the whole journal.
 pub(crate) async fn subscribe_messages(
     State(shared): State<Arc<Shared>>,
     Query(q): Query<HashMap<String, String>>,
-) -> Json<Value> {
+) -> Response {
+    let number = |key: &str| q.get(key).map(|v| v.parse::<u64>().map_err(|_| format!("{key} must be a number")));
+    let (after, limit) = match (number("after").transpose(), number("limit").transpose()) {
+        (Ok(after), Ok(limit)) => (after.unwrap_or(0), limit.map_or(usize::MAX, |l| l as usize)),
+        (Err(e), _) | (_, Err(e)) => return problem(StatusCode::BAD_REQUEST, e),
+    };
     let mini = lock(&shared.mini);
-    let list: Vec<_> = mini.messages.iter().filter(|m| q.get("touser").is_none_or(|t| *t == m.touser)).collect();
-    Json(json!({"data": list}))
+    let list: Vec<_> = mini
+        .messages
+        .iter()
+        .filter(|m| m.msgid > after && q.get("touser").is_none_or(|t| *t == m.touser))
+        .take(limit)
+        .collect();
+    Json(json!({"data": list})).into_response()
 }
 
 /// `GET /sandbox/v1/sms`.

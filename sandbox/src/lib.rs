@@ -34,7 +34,7 @@ pub use identity::{
     CONFIG_FILE, DEFAULT_LISTEN, DEFAULT_NOTIFY_URL, Identity, IdentityError, InitOptions, init, load_or_init,
 };
 pub use mini::SubscribeRecord;
-pub use notify::CallbackRecord;
+pub use notify::{CallbackRecord, CallbackSigner};
 pub use server::{
     RunningSandbox, Sandbox, SandboxError, SandboxOptions, SigningMode, WECHAT_RETRY_SCHEDULE_SECS, spawn_for_tests,
     spawn_for_tests_with,

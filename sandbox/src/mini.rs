@@ -34,6 +34,7 @@ pub struct SubscribeRecord {
     pub data: Value,
     pub miniprogram_state: String,
     pub lang: String,
+    /// RFC 3339 time it was accepted, UTC with milliseconds (as in callback records): load runs time delivery by it.
     pub at: String,
 }
 
@@ -278,7 +279,7 @@ pub(crate) async fn subscribe_send(
         data: Value::Object(data.clone()),
         miniprogram_state: state.to_owned(),
         lang: lang.to_owned(),
-        at: util::now_wechat_time(),
+        at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     });
     Json(json!({"errcode": 0, "errmsg": "ok", "msgid": msgid}))
 }

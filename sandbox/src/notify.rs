@@ -36,33 +36,98 @@ impl Delivery {
         out_trade_no: &str,
         out_refund_no: Option<&str>,
     ) -> Arc<Self> {
-        let nonce = util::resource_nonce();
-        let plain = serde_json::to_vec(plaintext).expect("JSON values serialize");
-        let ciphertext = wechat::encrypt_resource(&shared.apiv3_key, &nonce, original_type, &plain)
-            .expect("a 12-byte nonce and a 32-byte key always encrypt");
-        let id = uuid::Uuid::new_v4().to_string();
-        let body = json!({
-            "id": id,
-            "create_time": now_wechat_time(),
-            "resource_type": "encrypt-resource",
-            "event_type": event_type,
-            "summary": summary,
-            "resource": {
-                "original_type": original_type,
-                "algorithm": "AEAD_AES_256_GCM",
-                "ciphertext": ciphertext,
-                "associated_data": original_type,
-                "nonce": nonce,
-            },
-        });
+        let (id, body) = notification_body(&shared.apiv3_key, event_type, summary, original_type, plaintext);
         Arc::new(Self {
             id,
             url,
             event_type,
             out_trade_no: out_trade_no.to_owned(),
             out_refund_no: out_refund_no.map(str::to_owned),
-            body: serde_json::to_vec(&body).expect("JSON values serialize"),
+            body,
         })
+    }
+}
+
+/// WeChat's notification around `plaintext`, encrypted under `apiv3_key`: (notification id, body).
+fn notification_body(
+    apiv3_key: &[u8; 32],
+    event_type: &str,
+    summary: &str,
+    original_type: &str,
+    plaintext: &Value,
+) -> (String, Vec<u8>) {
+    let nonce = util::resource_nonce();
+    let plain = serde_json::to_vec(plaintext).expect("JSON values serialize");
+    let ciphertext = wechat::encrypt_resource(apiv3_key, &nonce, original_type, &plain)
+        .expect("a 12-byte nonce and a 32-byte key always encrypt");
+    let id = uuid::Uuid::new_v4().to_string();
+    let body = json!({
+        "id": id,
+        "create_time": now_wechat_time(),
+        "resource_type": "encrypt-resource",
+        "event_type": event_type,
+        "summary": summary,
+        "resource": {
+            "original_type": original_type,
+            "algorithm": "AEAD_AES_256_GCM",
+            "ciphertext": ciphertext,
+            "associated_data": original_type,
+            "nonce": nonce,
+        },
+    });
+    (id, serde_json::to_vec(&body).expect("JSON values serialize"))
+}
+
+/// The headers of one delivery attempt, as WeChat sends them.
+fn attempt_headers(ts: i64, nonce: String, signature: String, serial: String) -> Vec<(&'static str, String)> {
+    vec![
+        ("Content-Type", "application/json".to_owned()),
+        ("Wechatpay-Timestamp", ts.to_string()),
+        ("Wechatpay-Nonce", nonce),
+        ("Wechatpay-Signature", signature),
+        ("Wechatpay-Serial", serial),
+        ("Wechatpay-Signature-Type", wechat::AUTH_SCHEME.to_owned()),
+        ("Request-ID", util::request_id()),
+    ]
+}
+
+/// WeChat's side of payment callbacks without a running sandbox: for a load generator that prepares
+/// notifications before a timed window and sends them itself (`paystream bench e2e`). Bodies and headers come from
+/// the code the sandbox sends its own callbacks with, signed under the identity's public-key id (the default
+/// [`crate::SigningMode`]).
+pub struct CallbackSigner {
+    platform: wechat::RsaSigner,
+    apiv3_key: [u8; 32],
+    serial: String,
+    appid: String,
+    mchid: String,
+}
+
+impl CallbackSigner {
+    pub fn new(identity: &crate::Identity) -> Result<Self, crate::IdentityError> {
+        Ok(Self {
+            platform: identity.platform_signer()?,
+            apiv3_key: identity.apiv3_key_bytes(),
+            serial: identity.platform_public_key_id.clone(),
+            appid: identity.appid.clone(),
+            mchid: identity.mchid.clone(),
+        })
+    }
+
+    /// The body of the `TRANSACTION.SUCCESS` notification the sandbox sends when the user pays `out_trade_no`
+    /// (a JSAPI payment of `total` fen, CNY, by `openid`): paid now, with a fresh 28-digit transaction id.
+    pub fn transaction_success(&self, out_trade_no: &str, total: i64, openid: &str) -> Vec<u8> {
+        let plain = crate::pay::paid_transaction_json(&self.appid, &self.mchid, out_trade_no, total, openid);
+        notification_body(&self.apiv3_key, "TRANSACTION.SUCCESS", "支付成功", "transaction", &plain).1
+    }
+
+    /// The headers of one delivery of `body`, signed now with the platform key (receivers accept the timestamp
+    /// for 5 minutes). One RSA-2048 signature each.
+    pub fn headers(&self, body: &[u8]) -> Vec<(&'static str, String)> {
+        let ts = unix_now();
+        let nonce = nonce_str();
+        let signature = self.platform.sign(&response_message(ts, &nonce, body));
+        attempt_headers(ts, nonce, signature, self.serial.clone())
     }
 }
 
@@ -181,19 +246,11 @@ async fn send_once(shared: &Shared, d: &Delivery, kind: Kind) -> (Option<u16>, O
         crate::SigningMode::PublicKey => shared.identity.platform_public_key_id.clone(),
         crate::SigningMode::Certificate => shared.certificate.serial_no.clone(),
     };
-    let result = shared
-        .http
-        .post(&d.url)
-        .header("Content-Type", "application/json")
-        .header("Wechatpay-Timestamp", ts.to_string())
-        .header("Wechatpay-Nonce", nonce)
-        .header("Wechatpay-Signature", signature)
-        .header("Wechatpay-Serial", serial)
-        .header("Wechatpay-Signature-Type", wechat::AUTH_SCHEME)
-        .header("Request-ID", util::request_id())
-        .body(d.body.clone())
-        .send()
-        .await;
+    let mut request = shared.http.post(&d.url);
+    for (name, value) in attempt_headers(ts, nonce, signature, serial) {
+        request = request.header(name, value);
+    }
+    let result = request.body(d.body.clone()).send().await;
     match result {
         Ok(resp) => (Some(resp.status().as_u16()), None),
         Err(e) if e.is_timeout() => (None, Some("timeout".into())),

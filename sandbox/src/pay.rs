@@ -492,6 +492,29 @@ pub(crate) fn transaction_json(o: &Order) -> Value {
     v
 }
 
+/// The transaction of a JSAPI order of `total` fen (CNY) by `openid` that was paid just now, as [`settle`] reports
+/// it: for notifications built outside a running sandbox ([`crate::CallbackSigner`]).
+pub(crate) fn paid_transaction_json(appid: &str, mchid: &str, out_trade_no: &str, total: i64, openid: &str) -> Value {
+    transaction_json(&Order {
+        request: Value::Null,
+        appid: appid.to_owned(),
+        mchid: mchid.to_owned(),
+        out_trade_no: out_trade_no.to_owned(),
+        attach: None,
+        notify_url: String::new(),
+        total,
+        currency: "CNY".to_owned(),
+        openid: openid.to_owned(),
+        time_expire: None,
+        state: TradeState::Success,
+        transaction_id: Some(util::transaction_id()),
+        success_time: Some(now_wechat_time()),
+        refunded: 0,
+        refund_count: 0,
+        last_delivery: None,
+    })
+}
+
 pub(crate) fn refund_json(r: &RefundRecord) -> Value {
     let mut v = json!({
         "refund_id": r.refund_id,

@@ -241,3 +241,49 @@ async fn certificate_mode_client_and_sandbox_agree() {
     let read = client.notification_reader().read(&got.headers, &got.body, chrono::Utc::now().timestamp()).unwrap();
     assert!(matches!(read.payload, NotifyPayload::Transaction(t) if t.trade_state == TradeState::Success));
 }
+
+#[tokio::test]
+async fn callback_signer_builds_the_notification_the_sandbox_sends() {
+    use axum::http::{HeaderMap, HeaderName};
+    use wechat::Transaction;
+
+    let env = common::spawn().await;
+    let (mut cfg, _) = configs(&env);
+    let rx = Receiver::start(0).await;
+    cfg.notify_url = rx.url();
+    let client = PayClient::from_config(&cfg).unwrap();
+    let (no, openid) = (order_no(), "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o");
+    client.prepay_jsapi(&client.new_prepay_request("民宿订单", &no, 880, OpenId::new(openid).unwrap())).await.unwrap();
+    assert_eq!(env.merchant.pay(&no, "SUCCESS").await.status(), 200);
+    let got = wait_for("callback", DEADLINE, || async { rx.received().first().cloned() }).await;
+    let read = |headers: &HeaderMap, body: &[u8]| {
+        let read = client.notification_reader().read(headers, body, chrono::Utc::now().timestamp()).unwrap();
+        match read.payload {
+            NotifyPayload::Transaction(t) => (read.notification, t),
+            other => panic!("expected a transaction, got {other:?}"),
+        }
+    };
+    let (sent_notification, sent) = read(&got.headers, &got.body);
+
+    let signer = sandbox::CallbackSigner::new(&env.sandbox.identity).unwrap();
+    let body = signer.transaction_success(&no, 880, openid);
+    let mut headers = HeaderMap::new();
+    for (name, value) in signer.headers(&body) {
+        headers.insert(HeaderName::from_bytes(name.as_bytes()).unwrap(), value.parse().unwrap());
+    }
+    let names = |h: &HeaderMap| {
+        let mut n: Vec<String> =
+            h.keys().map(|k| k.as_str().to_owned()).filter(|k| k.starts_with("wechatpay-")).collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(&headers), names(&got.headers));
+    let (built_notification, built) = read(&headers, &body);
+    assert_eq!(built_notification.event_type, sent_notification.event_type);
+    assert_eq!(built_notification.summary, sent_notification.summary);
+    assert_eq!(built.transaction_id.as_ref().map(String::len), Some(28));
+    assert!(built.success_time.is_some());
+    // The same transaction as the sandbox's own callback, but for its (fresh) id and payment time.
+    let unstamped = |t: Transaction| Transaction { transaction_id: None, success_time: None, ..t };
+    assert_eq!(unstamped(built), unstamped(sent));
+}
