@@ -68,15 +68,58 @@ pub struct Delivery {
     pub headers: HeaderMap,
 }
 
-/// The work a consumer does for one event. It must be idempotent: commit its side effect and the event's
-/// `processed_event` claim (or an equivalent conditional update) in one transaction.
+/// One message of a batch: the decoded event, its delivery, and the span its work belongs to (it continues the
+/// producer's trace; events announced for this message must be created in it, see [`Item::in_span`]).
+#[derive(Debug)]
+pub struct Item<E> {
+    pub event: Envelope<E>,
+    pub delivery: Delivery,
+    pub span: tracing::Span,
+}
+
+impl<E> Item<E> {
+    /// Runs `f` in this message's span: an envelope created there carries this message's trace.
+    pub fn in_span<T>(&self, f: impl FnOnce() -> T) -> T {
+        self.span.in_scope(f)
+    }
+}
+
+/// The work a consumer does for one event. It must be idempotent: commit its side effect with the event's
+/// `processed_event` claim or behind a conditional update, in one transaction.
 pub trait Handler: Send + Sync + 'static {
     type Event: Event;
+
+    /// The most messages [`Handler::handle_batch`] is given at once. The runner batches only what has already
+    /// arrived while slots are free, so a quiet consumer still handles each message as it comes.
+    const BATCH: usize = 1;
+
     fn handle(
         &self,
         event: Envelope<Self::Event>,
         delivery: &Delivery,
     ) -> impl Future<Output = Result<Handled, HandlerError>> + Send;
+
+    /// Handles several messages, typically in one transaction; returns one result per item, in their order. A
+    /// batch implementation must not let one message's failure decide its neighbours' fate: on a failure of the
+    /// shared transaction, it handles the items one by one. The default does that from the start, concurrently.
+    fn handle_batch(
+        &self,
+        items: Vec<Item<Self::Event>>,
+    ) -> impl Future<Output = Vec<Result<Handled, HandlerError>>> + Send {
+        one_by_one(self, items)
+    }
+}
+
+/// Handles `items` with [`Handler::handle`], concurrently, each in its own span: the fallback of batch handlers.
+pub async fn one_by_one<H: Handler + ?Sized>(
+    handler: &H,
+    items: Vec<Item<H::Event>>,
+) -> Vec<Result<Handled, HandlerError>> {
+    futures::future::join_all(items.into_iter().map(|item| {
+        let Item { event, delivery, span } = item;
+        async move { handler.handle(event, &delivery).await }.instrument(span)
+    }))
+    .await
 }
 
 /// A durable consumer's identity and settings.
@@ -156,10 +199,24 @@ impl<H: Handler> Consumer<H> {
                 match next {
                     Some(Ok(msg)) => {
                         failures = 0;
+                        // More of what has already arrived, while slots are free: handled together.
+                        let mut batch = vec![msg];
+                        let mut slots = vec![permit];
+                        while batch.len() < H::BATCH.max(1) {
+                            let Ok(slot) = permits.clone().try_acquire_owned() else { break };
+                            match messages.next().now_or_never() {
+                                Some(Some(Ok(msg))) => {
+                                    batch.push(msg);
+                                    slots.push(slot);
+                                }
+                                // Nothing more yet, or an interruption the next `next()` reports again.
+                                _ => break,
+                            }
+                        }
                         let ctx = ctx.clone();
                         tokio::spawn(async move {
-                            ctx.process(msg).await;
-                            drop(permit);
+                            ctx.process(batch).await;
+                            drop(slots);
                         });
                     }
                     Some(Err(e)) => {
@@ -238,65 +295,87 @@ struct Ctx<H> {
 }
 
 impl<H: Handler> Ctx<H> {
-    async fn process(&self, msg: jetstream::Message) {
+    /// Handles a batch of messages: each is checked on its own (deliveries used up, undecodable), the rest go to the
+    /// handler together, and each is then acked, nak'ed or dead-lettered by its own result.
+    async fn process(&self, batch: Vec<jetstream::Message>) {
         let name = self.spec.name.as_str();
         let cfg = &self.spec.config;
-        let (delivered, stream, stream_sequence) = match msg.info() {
-            Ok(i) => (i.delivered, i.stream.to_owned(), i.stream_sequence),
-            Err(_) => (1, String::new(), 0),
-        };
-        let delivery = Delivery {
-            subject: msg.subject.to_string(),
-            delivered,
-            stream_sequence,
-            headers: msg.headers.clone().unwrap_or_default(),
-        };
-
-        if delivered > cfg.max_deliver {
-            let reason = format!("no answer after {} deliveries (handler crashed or hung each time)", cfg.max_deliver);
-            return self.dead_letter(&msg, &delivery, &stream, &reason).await;
+        let mut taken = Vec::with_capacity(batch.len());
+        let mut items = Vec::with_capacity(batch.len());
+        for msg in batch {
+            let (delivered, stream, stream_sequence) = match msg.info() {
+                Ok(i) => (i.delivered, i.stream.to_owned(), i.stream_sequence),
+                Err(_) => (1, String::new(), 0),
+            };
+            let delivery = Delivery {
+                subject: msg.subject.to_string(),
+                delivered,
+                stream_sequence,
+                headers: msg.headers.clone().unwrap_or_default(),
+            };
+            if delivered > cfg.max_deliver {
+                let reason =
+                    format!("no answer after {} deliveries (handler crashed or hung each time)", cfg.max_deliver);
+                self.dead_letter(&msg, &delivery, &stream, &reason).await;
+                continue;
+            }
+            let event = match Envelope::<H::Event>::decode(&msg.payload) {
+                Ok(e) => e,
+                Err(reason) => {
+                    self.dead_letter(&msg, &delivery, &stream, &format!("poison: {reason}")).await;
+                    continue;
+                }
+            };
+            // One span per delivery, continuing the producer's trace (the envelope's `traceparent`, which the NATS
+            // header copies).
+            let span = tracing::info_span!(
+                "consume",
+                otel.name = %format!("consume {name}"),
+                otel.kind = "consumer",
+                consumer = name,
+                subject = %delivery.subject,
+                event_id = %event.id,
+                aggregate = %event.payload.aggregate(),
+                delivered,
+                trace_id = tracing::field::Empty,
+            );
+            observability::trace::continue_trace(&span, event.traceparent.as_deref());
+            let lag = (Utc::now() - event.occurred_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
+            metrics::lag_seconds(name, lag);
+            taken.push((msg, delivery.clone(), stream, span.clone()));
+            items.push(Item { event, delivery, span });
         }
-        let event = match Envelope::<H::Event>::decode(&msg.payload) {
-            Ok(e) => e,
-            Err(reason) => return self.dead_letter(&msg, &delivery, &stream, &format!("poison: {reason}")).await,
+        if items.is_empty() {
+            return;
+        }
+
+        let started = Instant::now();
+        let results = match tokio::time::timeout(cfg.handler_timeout, self.handler.handle_batch(items)).await {
+            Ok(r) => r,
+            Err(_) => {
+                let reason = format!("handler timed out after {:?}", cfg.handler_timeout);
+                vec![Err(HandlerError::Transient(reason)); taken.len()]
+            }
         };
-        // One span per delivery, continuing the producer's trace (the envelope's `traceparent`, which the NATS
-        // header copies).
-        let span = tracing::info_span!(
-            "consume",
-            otel.name = %format!("consume {name}"),
-            otel.kind = "consumer",
-            consumer = name,
-            subject = %delivery.subject,
-            event_id = %event.id,
-            aggregate = %event.payload.aggregate(),
-            delivered,
-            trace_id = tracing::field::Empty,
-        );
-        observability::trace::continue_trace(&span, event.traceparent.as_deref());
-        self.handle_traced(msg, delivery, stream, event).instrument(span).await;
+        let elapsed = started.elapsed().as_secs_f64();
+        debug_assert_eq!(results.len(), taken.len(), "a batch handler answers every item");
+        for ((msg, delivery, stream, span), result) in taken.into_iter().zip(results) {
+            metrics::handler_seconds(name, elapsed);
+            self.settle(msg, delivery, stream, result).instrument(span).await;
+        }
     }
 
-    async fn handle_traced(
+    /// Acks, naks or dead-letters one message by its handler's result.
+    async fn settle(
         &self,
         msg: jetstream::Message,
         delivery: Delivery,
         stream: String,
-        event: Envelope<H::Event>,
+        result: Result<Handled, HandlerError>,
     ) {
         let name = self.spec.name.as_str();
         let cfg = &self.spec.config;
         let delivered = delivery.delivered;
-        let lag = (Utc::now() - event.occurred_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
-        metrics::lag_seconds(name, lag);
-
-        let started = Instant::now();
-        let result = match tokio::time::timeout(cfg.handler_timeout, self.handler.handle(event, &delivery)).await {
-            Ok(r) => r,
-            Err(_) => Err(HandlerError::Transient(format!("handler timed out after {:?}", cfg.handler_timeout))),
-        };
-        metrics::handler_seconds(name, started.elapsed().as_secs_f64());
-
         match result {
             Ok(handled) => {
                 let _ = msg.ack().await;

@@ -53,9 +53,12 @@ pub async fn run_order(
 }
 
 /// Keeps `processed_event` bounded until `shutdown`: every ten minutes, deletes the keys claimed more than
-/// `retention` ago (in batches, so a large backlog never holds a long transaction). Only the order consumer claims
-/// keys there (the others are idempotent through conditional updates or the notifier's ledger); a key is needed
-/// while its event can come back, so `retention` must exceed the streams' `nats.max_age`.
+/// `retention` ago (in batches, so a large backlog never holds a long transaction). The pipeline's consumers no
+/// longer claim keys there — each is idempotent through the state it changes (payment: waiting → paid only for
+/// the right amount; order: waitPay → waitUse, and a replay finds the order paid by this payment; refunds: the
+/// refund row; notifier: its ledger) — so this removes the keys older versions left and keeps the table bounded
+/// for any handler that uses it. A key is needed while its event can come back: `retention` must exceed the
+/// streams' `nats.max_age`.
 pub async fn prune_processed(pool: storage::PgPool, retention: std::time::Duration, shutdown: CancellationToken) {
     const BATCH: i64 = 10_000;
     periodic::every(std::time::Duration::from_secs(600), shutdown, "pruning processed_event", || async {

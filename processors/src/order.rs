@@ -7,12 +7,12 @@ use bus::events::{
     MiniprogramNotify, NotificationRequest, NotifyParams, NotifyTemplate, OrderStatusChanged, PaymentStatusChanged,
     RefundReason, RefundRequested, SmsNotify,
 };
-use bus::{Delivery, Envelope, Handled, Handler, HandlerError};
-use storage::{Conn, Fen, PayStatus, PgPool, StorageError, TradeState, UserId, orders, payments, processed, users};
+use bus::{Delivery, Envelope, Handled, Handler, HandlerError, Item};
+use storage::{Conn, Fen, OrderSn, PayStatus, PgPool, StorageError, TradeState, UserId, orders, payments, users};
 
 use crate::metrics;
 
-/// The durable consumer name; also the `processed_event` namespace.
+/// The durable consumer name.
 pub const CONSUMER: &str = "order";
 
 /// Handler for the `order` consumer.
@@ -29,6 +29,44 @@ impl OrderProcessor {
 
 impl Handler for OrderProcessor {
     type Event = PaymentStatusChanged;
+    const BATCH: usize = 64;
+
+    /// Paid payments of orders still waiting for them — nearly all under load — in one transaction (one UPDATE for
+    /// the orders, one look-up of who has a mobile number, one INSERT for the announcements and notification
+    /// requests); everything else, and everything if that transaction fails, one by one through
+    /// [`Handler::handle`].
+    async fn handle_batch(&self, items: Vec<Item<PaymentStatusChanged>>) -> Vec<Result<Handled, HandlerError>> {
+        let mut candidates: Vec<usize> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (i, item) in items.iter().enumerate() {
+            let p = &item.event.payload;
+            // Two payments of one order in one batch: the second is looked into one by one.
+            if p.to == PayStatus::Paid && seen.insert(p.order_sn.clone()) {
+                candidates.push(i);
+            }
+        }
+        let mut results: Vec<Option<Result<Handled, HandlerError>>> = vec![None; items.len()];
+        if candidates.len() > 1 {
+            match self.pay_many(&items, &candidates).await {
+                Ok(done) => {
+                    tracing::debug!(paid = done.len(), of = candidates.len(), "orders paid in one transaction");
+                    for i in done {
+                        results[i] = Some(Ok(Handled::Done));
+                        metrics::order_transition(TradeState::WaitPay, TradeState::WaitUse);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, payments = candidates.len(), "batch failed; handling its payments one by one")
+                }
+            }
+        }
+        let (rest_at, rest): (Vec<usize>, Vec<Item<PaymentStatusChanged>>) =
+            items.into_iter().enumerate().filter(|(i, _)| results[*i].is_none()).unzip();
+        for (i, r) in rest_at.into_iter().zip(bus::one_by_one(self, rest).await) {
+            results[i] = Some(r);
+        }
+        results.into_iter().map(|r| r.expect("every item has a result")).collect()
+    }
 
     async fn handle(&self, event: Envelope<PaymentStatusChanged>, _: &Delivery) -> Result<Handled, HandlerError> {
         let p = event.payload;
@@ -36,12 +74,8 @@ impl Handler for OrderProcessor {
             // Closed and refunded payments change no order here (the lifecycle processor owns those paths).
             return Ok(Handled::Done);
         }
-        let id = event.id.to_string();
         let mut conn = self.pool.get().await.map_err(StorageError::from)?;
         self.outbox.transaction::<_, HandlerError, _>(&mut conn, async |c, events| {
-            if !processed::claim(c, CONSUMER, &id).await? {
-                return Ok(Handled::Duplicate);
-            }
             // The common case in one statement (which also takes the row lock): the order was waiting for this money.
             if let Some(order) = orders::pay_if_waiting(c, &p.order_sn).await? {
                 announce_paid(c, events, &order, &p).await?;
@@ -56,7 +90,13 @@ impl Handler for OrderProcessor {
                     announce_paid(c, events, &order, &p).await?;
                     Ok(Handled::Done)
                 }
-                TradeState::WaitUse if !paid_by_another(c, &p).await? => Ok(Handled::Duplicate),
+                // Paid, and then perhaps used, refunded or expired: if this payment is the one that paid it, this is a
+                // replay of what already happened (idempotent without an inbox: the order's state says it all).
+                TradeState::WaitUse | TradeState::Used | TradeState::Refunded | TradeState::Expired
+                    if !paid_by_another(c, &p).await? =>
+                {
+                    Ok(Handled::Duplicate)
+                }
                 state => {
                     // Closed, cancelled, expired, used, refunded — or paid by another payment: give it back.
                     tracing::warn!(payment = %p.payment_sn, order = %p.order_sn, ?state, "payment for an order that no longer waits for it; refunding");
@@ -74,6 +114,54 @@ impl Handler for OrderProcessor {
             }
         })
         .await
+    }
+}
+
+impl OrderProcessor {
+    /// Moves the candidates' orders that still wait for payment to waitUse in one transaction and stages what
+    /// [`announce_paid`] stages for each, in the span of its payment's event; returns the indexes of those items.
+    async fn pay_many(
+        &self,
+        items: &[Item<PaymentStatusChanged>],
+        candidates: &[usize],
+    ) -> Result<Vec<usize>, HandlerError> {
+        let mut conn = self.pool.get().await.map_err(StorageError::from)?;
+        self.outbox
+            .transaction::<_, HandlerError, _>(&mut conn, async |c, events| {
+                let sns: Vec<&OrderSn> = candidates.iter().map(|i| &items[*i].event.payload.order_sn).collect();
+                let paid = orders::pay_many_if_waiting(c, &sns).await?;
+                let users: Vec<UserId> = paid.iter().map(|o| UserId(o.user_id)).collect();
+                let with_mobile = users::with_mobile(c, &users).await?;
+                let at: std::collections::HashMap<&str, usize> =
+                    candidates.iter().map(|i| (items[*i].event.payload.order_sn.as_str(), *i)).collect();
+                let mut done = Vec::with_capacity(paid.len());
+                for order in &paid {
+                    let Some(&i) = at.get(order.sn.as_str()) else { continue };
+                    let p = &items[i].event.payload;
+                    items[i].in_span(|| {
+                        let changed = OrderStatusChanged {
+                            order_sn: p.order_sn.clone(),
+                            user_id: p.user_id,
+                            from: TradeState::WaitPay,
+                            to: TradeState::WaitUse,
+                        };
+                        events.add(&changed.envelope());
+                        let sms: &[NotifyTemplate] =
+                            if with_mobile.contains(&p.user_id) { &[NotifyTemplate::PaySuccess] } else { &[] };
+                        stage_notifications(
+                            events,
+                            order,
+                            p.user_id,
+                            p.pay_total,
+                            &[NotifyTemplate::PaySuccess, NotifyTemplate::CheckinNotice],
+                            sms,
+                        );
+                    });
+                    done.push(i);
+                }
+                Ok(done)
+            })
+            .await
     }
 }
 
@@ -124,6 +212,20 @@ pub(crate) async fn request_notifications(
     mini: &[NotifyTemplate],
     sms: &[NotifyTemplate],
 ) -> Result<(), StorageError> {
+    let has_mobile = !sms.is_empty() && users::find(c, user_id).await?.is_some_and(|u| u.mobile.is_some());
+    stage_notifications(events, order, user_id, amount, mini, if has_mobile { sms } else { &[] });
+    Ok(())
+}
+
+/// The notification requests of [`request_notifications`] once it is known whether SMS can reach the user.
+fn stage_notifications(
+    events: &mut bus::Events,
+    order: &orders::OrderRow,
+    user_id: UserId,
+    amount: Fen,
+    mini: &[NotifyTemplate],
+    sms: &[NotifyTemplate],
+) {
     let params = NotifyParams {
         order_sn: order.sn(),
         title: order.title.clone(),
@@ -137,11 +239,8 @@ pub(crate) async fn request_notifications(
         let req = NotificationRequest { template, user_id, params: params.clone() };
         events.add(&MiniprogramNotify(req).envelope());
     }
-    if !sms.is_empty() && users::find(c, user_id).await?.is_some_and(|u| u.mobile.is_some()) {
-        for &template in sms {
-            let req = NotificationRequest { template, user_id, params: params.clone() };
-            events.add(&SmsNotify(req).envelope());
-        }
+    for &template in sms {
+        let req = NotificationRequest { template, user_id, params: params.clone() };
+        events.add(&SmsNotify(req).envelope());
     }
-    Ok(())
 }

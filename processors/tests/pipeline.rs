@@ -313,3 +313,47 @@ async fn money_for_a_payment_closed_here_is_sent_back_and_a_late_success_after_a
     assert_eq!(state(&env, &closed).await.0, PayStatus::Closed);
     assert_eq!(state(&env, &refunded).await.0, PayStatus::Refunded, "a late success does not undo a refund");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reports_handled_in_batches_each_get_their_own_outcome() {
+    let env = Env::new().await;
+    let mut booked = Vec::new();
+    for i in 0..20 {
+        let mobile = (i < 10).then(|| format!("1380013{i:04}"));
+        booked.push(book(&mut *env.conn().await, mobile.as_deref()).await);
+    }
+    let mismatched = book(&mut *env.conn().await, None).await;
+    // Everything is in the stream before the processors start, so they take it in batches: good reports, a
+    // second report of one payment, a wrong amount and an unknown payment side by side.
+    for (i, b) in booked.iter().enumerate() {
+        env.report(success(b, &format!("batch-{i}"))).await;
+    }
+    env.report(success(&booked[0], "batch-again")).await;
+    let mut wrong_amount = success(&mismatched, "batch-amount");
+    wrong_amount.amount_total = Some(1);
+    env.report(wrong_amount).await;
+    let mut unknown = success(&booked[1], "batch-unknown");
+    unknown.out_trade_no = PaymentSn::generate(Utc::now()).to_string();
+    env.report(unknown).await;
+
+    let (token, tasks) = env.start();
+    for b in &booked {
+        until_paid(&env, b).await;
+    }
+    until_count(&env, Subject::NotifyMiniprogram, 40).await;
+    until_count(&env, Subject::NotifySms, 10).await;
+    let reasons = testkit::eventually(Duration::from_secs(20), "two dead letters", || async {
+        let r = env.dead_letters("payment").await;
+        (r.len() == 2).then_some(r)
+    })
+    .await;
+    stop(token, tasks).await;
+    assert!(reasons.iter().any(|r| r.contains("amount mismatch")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("unknown payment")), "{reasons:?}");
+    assert_eq!(state(&env, &mismatched).await, (PayStatus::Waiting, TradeState::WaitPay));
+    assert_eq!(env.count(Subject::PaymentStatus).await, 20, "one state change per payment");
+    assert_eq!(env.count(Subject::OrderStatus).await, 20);
+    assert_eq!(env.count(Subject::NotifyMiniprogram).await, 40);
+    assert_eq!(env.count(Subject::NotifySms).await, 10, "SMS only for the users with a mobile");
+    assert!(env.dead_letters("order").await.is_empty());
+}

@@ -173,6 +173,21 @@ pub async fn pay_if_waiting(conn: &mut Conn, sn: &OrderSn) -> Result<Option<Orde
     .optional()?)
 }
 
+/// [`pay_if_waiting`] for many orders in one statement: those still waiting for payment become waitUse and are
+/// returned as they now are; the others are for the caller to look into one by one.
+pub async fn pay_many_if_waiting(conn: &mut Conn, sns: &[&OrderSn]) -> Result<Vec<OrderRow>> {
+    let sns: Vec<&str> = sns.iter().map(|s| s.as_str()).collect();
+    Ok(prepared(
+        diesel::update(o::table)
+            .filter(o::sn.eq_any(sns))
+            .filter(o::trade_state.eq(TradeState::WaitPay.code()))
+            .set(o::trade_state.eq(TradeState::WaitUse.code()))
+            .returning(OrderRow::as_returning()),
+    )
+    .load(conn)
+    .await?)
+}
+
 /// Moves an order from `from` to `to`, only if it is in `from` now. Checks the arrow first, so a refused
 /// transition never reaches the database. When the row is not in `from`: already in `to` is a replay
 /// ([`Transition::Unchanged`]); anything else is refused with the state it is really in.

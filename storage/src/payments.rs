@@ -210,6 +210,66 @@ pub async fn pay_if_waiting(
     .optional()?)
 }
 
+/// A payment [`pay_many_if_waiting`] marked paid.
+#[derive(Debug, Clone, QueryableByName)]
+pub struct PaidNow {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    pub sn: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    pub order_sn: String,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    pub user_id: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    pub pay_total: i64,
+}
+
+impl PaidNow {
+    pub fn order_sn(&self) -> OrderSn {
+        OrderSn::parse(&self.order_sn).expect("orders are referenced by a valid serial")
+    }
+    pub fn total(&self) -> Fen {
+        Fen::new(self.pay_total).expect("the database checks the amount")
+    }
+}
+
+/// [`pay_if_waiting`] for many payments in one statement: each `(sn, total, details)` whose payment is still
+/// waiting and is for exactly `total` fen becomes paid. Returns the ones that did; the others are for the caller to
+/// look into one by one. One fixed SQL text whatever the number of payments.
+pub async fn pay_many_if_waiting(conn: &mut Conn, paid: &[(&PaymentSn, i64, &PaidDetails)]) -> Result<Vec<PaidNow>> {
+    use diesel::sql_types::{Array, BigInt, SmallInt, Text, Timestamptz};
+    if paid.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sns: Vec<&str> = paid.iter().map(|p| p.0.as_str()).collect();
+    let totals: Vec<i64> = paid.iter().map(|p| p.1).collect();
+    let ids: Vec<&str> = paid.iter().map(|p| p.2.transaction_id.as_str()).collect();
+    let types: Vec<&str> = paid.iter().map(|p| p.2.trade_type.as_str()).collect();
+    let states: Vec<&str> = paid.iter().map(|p| p.2.trade_state.as_str()).collect();
+    let descs: Vec<&str> = paid.iter().map(|p| p.2.trade_state_desc.as_str()).collect();
+    let times: Vec<DateTime<Utc>> = paid.iter().map(|p| p.2.pay_time).collect();
+    Ok(prepared(
+        diesel::sql_query(
+            "UPDATE third_payment p SET pay_status = $8, transaction_id = v.tid, trade_type = v.ttype, \
+                 trade_state = v.tstate, trade_state_desc = v.tdesc, pay_time = v.ptime \
+             FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[]) \
+                  AS v(sn, total, tid, ttype, tstate, tdesc, ptime) \
+             WHERE p.sn = v.sn AND p.pay_status = $9 AND p.pay_total = v.total \
+             RETURNING p.sn, p.order_sn, p.user_id, p.pay_total",
+        )
+        .bind::<Array<Text>, _>(sns)
+        .bind::<Array<BigInt>, _>(totals)
+        .bind::<Array<Text>, _>(ids)
+        .bind::<Array<Text>, _>(types)
+        .bind::<Array<Text>, _>(states)
+        .bind::<Array<Text>, _>(descs)
+        .bind::<Array<Timestamptz>, _>(times)
+        .bind::<SmallInt, _>(PayStatus::Paid.code())
+        .bind::<SmallInt, _>(PayStatus::Waiting.code()),
+    )
+    .load(conn)
+    .await?)
+}
+
 /// Moves a payment between statuses without extra fields (close, refund), only from `from`.
 pub async fn transition(
     conn: &mut Conn,

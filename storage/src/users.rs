@@ -6,6 +6,7 @@ use diesel_async::RunQueryDsl;
 
 use crate::db::{Conn, Result};
 use crate::domain::{AuthType, UserId};
+use crate::prepared::prepared;
 use crate::schema::{user_auth as a, users as u};
 
 #[derive(Debug, Clone, Queryable, Selectable)]
@@ -68,6 +69,17 @@ pub async fn find_by_auth(conn: &mut Conn, auth: AuthType, auth_key: &str) -> Re
 
 pub async fn find(conn: &mut Conn, id: UserId) -> Result<Option<UserRow>> {
     Ok(u::table.find(id.0).select(UserRow::as_select()).first(conn).await.optional()?)
+}
+
+/// Which of `ids` have a mobile number (an SMS can reach them).
+pub async fn with_mobile(conn: &mut Conn, ids: &[UserId]) -> Result<std::collections::HashSet<UserId>> {
+    if ids.is_empty() {
+        return Ok(Default::default());
+    }
+    let ids: Vec<i64> = ids.iter().map(|i| i.0).collect();
+    let found: Vec<i64> =
+        prepared(u::table.filter(u::id.eq_any(ids)).filter(u::mobile.is_not_null()).select(u::id)).load(conn).await?;
+    Ok(found.into_iter().map(UserId).collect())
 }
 
 /// The key of one of the user's login methods (the openid for `wxMini`).
