@@ -357,3 +357,38 @@ async fn reports_handled_in_batches_each_get_their_own_outcome() {
     assert_eq!(env.count(Subject::NotifySms).await, 10, "SMS only for the users with a mobile");
     assert!(env.dead_letters("order").await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paid_event_replayed_after_the_order_was_refunded_changes_nothing_and_refunds_nothing() {
+    let env = Env::new().await;
+    let b = book(&mut *env.conn().await, None).await;
+    let (token, tasks) = env.start();
+    env.report(success(&b, "replay-1")).await;
+    until_paid(&env, &b).await;
+    until_count(&env, Subject::NotifyMiniprogram, 2).await;
+    // The user's refund went through meanwhile.
+    let mut c = env.conn().await;
+    storage::payments::transition(&mut c, &b.payment, PayStatus::Paid, PayStatus::Refunded, "REFUND").await.unwrap();
+    storage::orders::transition(&mut c, &b.order, TradeState::WaitUse, TradeState::Refunded).await.unwrap();
+    drop(c);
+
+    // The payment's Paid event comes back long after JetStream's duplicate window (a redrive, say): another
+    // message id, the same event.
+    let stream = env.js.get_stream(env.t().stream_of(Subject::PaymentStatus)).await.unwrap();
+    let original = stream.get_raw_message(1).await.unwrap();
+    let mut h = original.headers.clone();
+    h.insert(headers::MSG_ID, "redrive:replay-1");
+    env.publisher.publish_raw(&original.subject, h, original.payload.clone()).await.unwrap();
+    until_count(&env, Subject::PaymentStatus, 2).await;
+    testkit::eventually(Duration::from_secs(20), "the replay handled", || async {
+        let mut c: jetstream::consumer::PullConsumer = stream.get_consumer(processors::ORDER_CONSUMER).await.ok()?;
+        let i = c.info().await.ok()?;
+        (i.delivered.stream_sequence == 2 && i.num_pending == 0 && i.num_ack_pending == 0).then_some(())
+    })
+    .await;
+    stop(token, tasks).await;
+    assert_eq!(state(&env, &b).await, (PayStatus::Refunded, TradeState::Refunded));
+    assert_eq!(env.count(Subject::RefundRequested).await, 0, "a replay is not money for a closed order");
+    assert_eq!(env.count(Subject::OrderStatus).await, 1);
+    assert!(env.dead_letters("order").await.is_empty());
+}
