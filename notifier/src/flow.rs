@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bus::events::NotificationRequest;
-use bus::{Delivery, Envelope, Event, Handled, Handler, HandlerError};
+use bus::{Delivery, Envelope, Event, Handled, Handler, HandlerError, Item};
 use storage::{PgPool, StorageError};
+use tracing::Instrument as _;
 
 use crate::config::NotifierConfig;
 use crate::ledger::{self, Claim, NewNotification, Record, Status};
@@ -54,6 +55,12 @@ pub(crate) trait Channel: Send + Sync + 'static {
     /// Renders, checks and sends one request, once. Must not hold a database connection across the provider
     /// call, and must never put an openid, phone number or token into a reason.
     fn attempt(&self, shared: &Shared, req: &NotificationRequest) -> impl Future<Output = Outcome> + Send;
+
+    /// Before a batch's sends: look up what they need for all of `users` at once (one statement instead of one per
+    /// message). The default does nothing.
+    fn prefetch(&self, _shared: &Shared, _users: &[storage::UserId]) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// The `bus::Handler` of a channel.
@@ -68,15 +75,14 @@ pub(crate) fn storage_outcome(e: StorageError) -> Outcome {
 
 impl<C: Channel> Handler for NotifyHandler<C> {
     type Event = C::Event;
+    const BATCH: usize = 64;
 
     async fn handle(&self, event: Envelope<C::Event>, delivery: &Delivery) -> Result<Handled, HandlerError> {
         let started = tokio::time::Instant::now();
         let channel = C::NAME;
         let req = C::request(&event.payload);
         let key = req.key(channel);
-        let order_sn = req.params.order_sn.as_str();
-        let new =
-            NewNotification { key: &key, channel, template: req.template.as_str(), user_id: req.user_id, order_sn };
+        let new = new_notification(&key, channel, req);
 
         // The claim commits before anything is sent: from here on a replay finds the row.
         let claim = {
@@ -101,39 +107,105 @@ impl<C: Channel> Handler for NotifyHandler<C> {
                 attempt
             }
         };
+        let sent = self.send(req, delivery, started).await;
+        let recorded = self.record(&key, attempt, &sent.record()).await;
+        sent.finish(channel, &key, attempt, recorded)
+    }
 
-        // Stop waiting for the provider at three quarters of the handler timeout, leaving the rest to record the
-        // outcome: a slow provider then ends as `retrying` and comes back after the backoff, instead of the runner
-        // abandoning the handler with the claim still held (which would delay the retry by a whole lease).
-        let deadline = started + self.shared.lease.mul_f64(0.75);
-        let outcome = match tokio::time::timeout_at(deadline, self.channel.attempt(&self.shared, req)).await {
-            Ok(o) => o,
-            Err(_) => Outcome::Transient(format!(
-                "no answer within {:?} (three quarters of consumer.handler_timeout)",
-                self.shared.lease.mul_f64(0.75)
-            )),
-        };
-
-        let last_delivery = delivery.delivered >= self.shared.max_deliver;
-        let (status, result) = match &outcome {
-            Outcome::Sent { .. } => (Status::Sent, Ok(Handled::Done)),
-            Outcome::RefusedByUser(_) => (Status::RefusedByUser, Ok(Handled::Done)),
-            Outcome::Suppressed(_) => (Status::Suppressed, Ok(Handled::Done)),
-            Outcome::Invalid(r) => {
-                (Status::Invalid, Err(HandlerError::Permanent(format!("invalid notification: {r}"))))
+    /// New keys of a batch are claimed in one statement and their outcomes recorded in one, the sends in between
+    /// running side by side; keys seen before (replays, retries, take-overs) go through [`Handler::handle`].
+    async fn handle_batch(&self, items: Vec<Item<C::Event>>) -> Vec<Result<Handled, HandlerError>> {
+        if items.len() < 2 {
+            return bus::one_by_one(self, items).await;
+        }
+        let started = tokio::time::Instant::now();
+        let channel = C::NAME;
+        let keys: Vec<String> = items.iter().map(|i| C::request(&i.event.payload).key(channel)).collect();
+        let news: Vec<NewNotification<'_>> = items
+            .iter()
+            .zip(&keys)
+            .map(|(i, key)| new_notification(key, channel, C::request(&i.event.payload)))
+            .collect();
+        let claimed = async {
+            let mut conn = self.shared.pool.get().await.map_err(StorageError::from)?;
+            ledger::claim_new(&mut conn, &news).await
+        }
+        .await;
+        let claimed = match claimed {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(channel, error = %e, "batch claim failed; claiming one by one");
+                return bus::one_by_one(self, items).await;
             }
-            Outcome::Broken(r) => (Status::Failed, Err(HandlerError::Permanent(r.clone()))),
-            // The runner dead-letters a transient failure on the last allowed delivery; the row says so first.
-            Outcome::Transient(r) if last_delivery => (Status::Failed, Err(HandlerError::Transient(r.clone()))),
-            Outcome::Transient(r) => (Status::Retrying, Err(HandlerError::Transient(r.clone()))),
         };
-        let record = Record {
-            status,
-            provider_msg_id: match &outcome {
+        // Owned now: the keys this statement inserted (a key twice in one batch is inserted once).
+        let mut owned_at = Vec::new();
+        let mut taken = std::collections::HashSet::new();
+        for (i, key) in keys.iter().enumerate() {
+            if claimed.contains(key.as_str()) && taken.insert(key.as_str()) {
+                owned_at.push(i);
+            }
+        }
+        tracing::debug!(channel, claimed = owned_at.len(), of = items.len(), "new keys claimed in one statement");
+        let users: Vec<storage::UserId> =
+            owned_at.iter().map(|&i| C::request(&items[i].event.payload).user_id).collect();
+        self.channel.prefetch(&self.shared, &users).await;
+        let sends = futures::future::join_all(owned_at.iter().map(|&i| {
+            let item = &items[i];
+            self.send(C::request(&item.event.payload), &item.delivery, started).instrument(item.span.clone())
+        }))
+        .await;
+        let records: Vec<(&str, i32, Record<'_>)> =
+            owned_at.iter().zip(&sends).map(|(&i, sent)| (keys[i].as_str(), 1, sent.record())).collect();
+        let recorded = async {
+            let mut conn = self.shared.pool.get().await.map_err(StorageError::from)?;
+            ledger::record_many(&mut conn, &records).await
+        }
+        .await;
+        let mut results: Vec<Option<Result<Handled, HandlerError>>> = vec![None; items.len()];
+        for ((&i, sent), (key, attempt, record)) in owned_at.iter().zip(&sends).zip(&records) {
+            let outcome = match &recorded {
+                Ok(done) => Ok(done.contains(*key)),
+                // The shared write failed: each outcome is written on its own, with its retries.
+                Err(_) => self.record(key, *attempt, record).await,
+            };
+            results[i] = Some(items[i].span.in_scope(|| sent.finish(channel, key, *attempt, outcome)));
+        }
+        let (rest_at, rest): (Vec<usize>, Vec<Item<C::Event>>) =
+            items.into_iter().enumerate().filter(|(i, _)| results[*i].is_none()).unzip();
+        for (i, r) in rest_at.into_iter().zip(bus::one_by_one(self, rest).await) {
+            results[i] = Some(r);
+        }
+        results.into_iter().map(|r| r.expect("every item has a result")).collect()
+    }
+}
+
+fn new_notification<'a>(key: &'a str, channel: &'a str, req: &'a NotificationRequest) -> NewNotification<'a> {
+    NewNotification {
+        key,
+        channel,
+        template: req.template.as_str(),
+        user_id: req.user_id,
+        order_sn: req.params.order_sn.as_str(),
+    }
+}
+
+/// One attempt's outcome, with what to record and what to answer the runner.
+struct Sent {
+    outcome: Outcome,
+    status: Status,
+    result: Result<Handled, HandlerError>,
+}
+
+impl Sent {
+    fn record(&self) -> Record<'_> {
+        Record {
+            status: self.status,
+            provider_msg_id: match &self.outcome {
                 Outcome::Sent { provider_msg_id } => provider_msg_id.as_deref(),
                 _ => None,
             },
-            reason: match &outcome {
+            reason: match &self.outcome {
                 Outcome::Sent { .. } => None,
                 Outcome::RefusedByUser(r)
                 | Outcome::Invalid(r)
@@ -141,21 +213,30 @@ impl<C: Channel> Handler for NotifyHandler<C> {
                 | Outcome::Transient(r)
                 | Outcome::Broken(r) => Some(r.as_str()),
             },
-        };
+        }
+    }
 
-        match self.record(&key, attempt, &record).await {
+    /// The runner's answer once the outcome was (or could not be) recorded.
+    fn finish(
+        &self,
+        channel: &str,
+        key: &str,
+        attempt: i32,
+        recorded: Result<bool, StorageError>,
+    ) -> Result<Handled, HandlerError> {
+        let status = self.status;
+        let reason = self.record().reason;
+        match recorded {
             Ok(true) => {
                 metrics::outcome(channel, status.as_str());
                 match status {
                     Status::Sent => tracing::info!(channel, %key, attempt, "notification sent"),
                     Status::Retrying | Status::Failed | Status::Invalid => {
-                        tracing::warn!(channel, %key, attempt, status = status.as_str(), reason = record.reason, "notification not sent")
+                        tracing::warn!(channel, %key, attempt, status = status.as_str(), reason, "notification not sent")
                     }
-                    _ => {
-                        tracing::info!(channel, %key, status = status.as_str(), reason = record.reason, "notification not sent")
-                    }
+                    _ => tracing::info!(channel, %key, status = status.as_str(), reason, "notification not sent"),
                 }
-                result
+                self.result.clone()
             }
             Ok(false) => {
                 // Another attempt took the key over after our lease ran out; its outcome stands.
@@ -173,6 +254,35 @@ impl<C: Channel> Handler for NotifyHandler<C> {
 }
 
 impl<C: Channel> NotifyHandler<C> {
+    /// Sends one claimed request once and classifies the answer.
+    async fn send(&self, req: &NotificationRequest, delivery: &Delivery, started: tokio::time::Instant) -> Sent {
+        // Stop waiting for the provider at three quarters of the handler timeout, leaving the rest to record the
+        // outcome: a slow provider then ends as `retrying` and comes back after the backoff, instead of the runner
+        // abandoning the handler with the claim still held (which would delay the retry by a whole lease).
+        let deadline = started + self.shared.lease.mul_f64(0.75);
+        let outcome = match tokio::time::timeout_at(deadline, self.channel.attempt(&self.shared, req)).await {
+            Ok(o) => o,
+            Err(_) => Outcome::Transient(format!(
+                "no answer within {:?} (three quarters of consumer.handler_timeout)",
+                self.shared.lease.mul_f64(0.75)
+            )),
+        };
+        let last_delivery = delivery.delivered >= self.shared.max_deliver;
+        let (status, result) = match &outcome {
+            Outcome::Sent { .. } => (Status::Sent, Ok(Handled::Done)),
+            Outcome::RefusedByUser(_) => (Status::RefusedByUser, Ok(Handled::Done)),
+            Outcome::Suppressed(_) => (Status::Suppressed, Ok(Handled::Done)),
+            Outcome::Invalid(r) => {
+                (Status::Invalid, Err(HandlerError::Permanent(format!("invalid notification: {r}"))))
+            }
+            Outcome::Broken(r) => (Status::Failed, Err(HandlerError::Permanent(r.clone()))),
+            // The runner dead-letters a transient failure on the last allowed delivery; the row says so first.
+            Outcome::Transient(r) if last_delivery => (Status::Failed, Err(HandlerError::Transient(r.clone()))),
+            Outcome::Transient(r) => (Status::Retrying, Err(HandlerError::Transient(r.clone()))),
+        };
+        Sent { outcome, status, result }
+    }
+
     /// Records the outcome, retrying the write briefly: after a successful send, every failed write here widens
     /// the window in which a redelivery sends the message again.
     async fn record(&self, key: &str, attempt: i32, record: &Record<'_>) -> Result<bool, StorageError> {

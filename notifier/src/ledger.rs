@@ -139,6 +139,76 @@ pub async fn claim(conn: &mut Conn, new: &NewNotification<'_>, lease: Duration) 
     })
 }
 
+#[derive(QueryableByName)]
+struct Key {
+    #[diesel(sql_type = Text)]
+    key: String,
+}
+
+/// [`claim`] for the keys seen for the first time, in one statement: inserts every key of `news` that has no row
+/// yet, as `claimed` by attempt 1, and returns those keys. Keys that already had a row are left alone: the caller
+/// claims them one by one (they may be final, in flight, or due for a take-over).
+pub async fn claim_new(conn: &mut Conn, news: &[NewNotification<'_>]) -> Result<std::collections::HashSet<String>> {
+    use diesel::sql_types::{Array, BigInt};
+    if news.is_empty() {
+        return Ok(Default::default());
+    }
+    let users: Vec<i64> = news.iter().map(|n| n.user_id.0).collect();
+    let inserted: Vec<Key> = prepared(
+        diesel::sql_query(
+            "INSERT INTO notification (key, channel, template, user_id, order_sn, status, attempts) \
+             SELECT k, c, t, u, o, $6, 1 FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[]) \
+                  AS v(k, c, t, u, o) \
+             ON CONFLICT (key) DO NOTHING RETURNING key",
+        )
+        .bind::<Array<Text>, _>(news.iter().map(|n| n.key).collect::<Vec<_>>())
+        .bind::<Array<Text>, _>(news.iter().map(|n| n.channel).collect::<Vec<_>>())
+        .bind::<Array<Text>, _>(news.iter().map(|n| n.template).collect::<Vec<_>>())
+        .bind::<Array<BigInt>, _>(users)
+        .bind::<Array<Text>, _>(news.iter().map(|n| n.order_sn).collect::<Vec<_>>())
+        .bind::<Text, _>(Status::Claimed.as_str()),
+    )
+    .load(conn)
+    .await?;
+    Ok(inserted.into_iter().map(|k| k.key).collect())
+}
+
+/// [`record`] for many claims in one statement; returns the keys whose outcome was recorded (the others lost their
+/// claim to a take-over).
+pub async fn record_many(
+    conn: &mut Conn,
+    outcomes: &[(&str, i32, Record<'_>)],
+) -> Result<std::collections::HashSet<String>> {
+    use diesel::sql_types::Array;
+    if outcomes.is_empty() {
+        return Ok(Default::default());
+    }
+    let keys: Vec<&str> = outcomes.iter().map(|o| o.0).collect();
+    let attempts: Vec<i32> = outcomes.iter().map(|o| o.1).collect();
+    let statuses: Vec<&str> = outcomes.iter().map(|o| o.2.status.as_str()).collect();
+    let msg_ids: Vec<Option<&str>> = outcomes.iter().map(|o| o.2.provider_msg_id).collect();
+    let reasons: Vec<Option<String>> =
+        outcomes.iter().map(|o| o.2.reason.map(|r| r.chars().take(1000).collect())).collect();
+    let recorded: Vec<Key> = prepared(
+        diesel::sql_query(
+            "UPDATE notification n SET status = v.s, provider_msg_id = COALESCE(v.m, n.provider_msg_id), \
+                 last_error = v.r, sent_time = CASE WHEN v.s = $6 THEN now() ELSE n.sent_time END \
+             FROM unnest($1::text[], $2::int4[], $3::text[], $4::text[], $5::text[]) AS v(k, a, s, m, r) \
+             WHERE n.key = v.k AND n.status = $7 AND n.attempts = v.a RETURNING n.key",
+        )
+        .bind::<Array<Text>, _>(keys)
+        .bind::<Array<Integer>, _>(attempts)
+        .bind::<Array<Text>, _>(statuses)
+        .bind::<Array<Nullable<Text>>, _>(msg_ids)
+        .bind::<Array<Nullable<Text>>, _>(reasons)
+        .bind::<Text, _>(Status::Sent.as_str())
+        .bind::<Text, _>(Status::Claimed.as_str()),
+    )
+    .load(conn)
+    .await?;
+    Ok(recorded.into_iter().map(|k| k.key).collect())
+}
+
 /// An outcome to record for a claim.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record<'a> {

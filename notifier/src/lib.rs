@@ -150,7 +150,7 @@ impl Notifier {
         Ok(Notifier {
             publisher: deps.publisher,
             consumer: deps.consumer,
-            miniprogram: NotifyHandler { shared: shared.clone(), channel: Miniprogram { client: deps.miniprogram } },
+            miniprogram: NotifyHandler { shared: shared.clone(), channel: Miniprogram::new(deps.miniprogram) },
             sms: NotifyHandler { shared, channel: Sms { client: deps.sms.filter(|_| sms_on) } },
         })
     }

@@ -3,7 +3,9 @@
 use std::time::Instant;
 
 use bus::events::{MiniprogramNotify, NotificationRequest};
-use storage::{AuthType, StorageError, users};
+use std::collections::HashMap;
+
+use storage::{AuthType, StorageError, UserId, users};
 use wechat::{Errcode, ErrorClass, MiniError, MiniProgramClient, OpenId, SubscribeMessage};
 
 use crate::config::state_name;
@@ -14,6 +16,29 @@ pub(crate) struct Miniprogram {
     /// Clones share one access-token cache: every task of the process uses the same token, and a token error
     /// makes the client refresh it once and retry the message.
     pub client: MiniProgramClient,
+    /// Openids by user, as looked up (a batch looks up all its users at once). A user's mini-program login never
+    /// changes once made, so an entry never goes stale; the map is emptied when it grows past `OPENIDS_KEPT`.
+    pub openids: std::sync::Mutex<HashMap<UserId, String>>,
+}
+
+const OPENIDS_KEPT: usize = 100_000;
+
+impl Miniprogram {
+    pub fn new(client: MiniProgramClient) -> Self {
+        Miniprogram { client, openids: Default::default() }
+    }
+
+    fn known(&self) -> std::sync::MutexGuard<'_, HashMap<UserId, String>> {
+        self.openids.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn remember(&self, found: impl IntoIterator<Item = (UserId, String)>) {
+        let mut known = self.known();
+        if known.len() > OPENIDS_KEPT {
+            known.clear();
+        }
+        known.extend(found);
+    }
 }
 
 impl Channel for Miniprogram {
@@ -24,6 +49,27 @@ impl Channel for Miniprogram {
         &event.0
     }
 
+    async fn prefetch(&self, shared: &Shared, users: &[UserId]) {
+        let missing: Vec<UserId> = {
+            let known = self.known();
+            let mut m: Vec<UserId> = users.iter().copied().filter(|u| !known.contains_key(u)).collect();
+            m.sort_by_key(|u| u.0);
+            m.dedup();
+            m
+        };
+        if missing.is_empty() {
+            return;
+        }
+        let lookup = async {
+            let mut conn = shared.pool.get().await.map_err(StorageError::from)?;
+            users::auth_keys(&mut conn, &missing, AuthType::WxMini).await
+        };
+        // A failed look-up only means each send looks its user up itself.
+        if let Ok(found) = lookup.await {
+            self.remember(found);
+        }
+    }
+
     async fn attempt(&self, shared: &Shared, req: &NotificationRequest) -> Outcome {
         let name = req.template.as_str();
         let Some(template) = shared.config.templates.get(req.template) else {
@@ -32,15 +78,22 @@ impl Channel for Miniprogram {
         let Some(template_id) = &template.template_id else {
             return Outcome::Suppressed(format!("notifier.templates.{name} has no template_id (SMS only)"));
         };
-        let openid = {
-            let lookup = async {
-                let mut conn = shared.pool.get().await.map_err(StorageError::from)?;
-                users::auth_key(&mut conn, req.user_id, AuthType::WxMini).await
-            };
-            match lookup.await {
-                Ok(Some(o)) => o,
-                Ok(None) => return Outcome::Suppressed("the user has no mini-program login (no openid)".into()),
-                Err(e) => return storage_outcome(e),
+        let cached = self.known().get(&req.user_id).cloned();
+        let openid = match cached {
+            Some(o) => o,
+            None => {
+                let lookup = async {
+                    let mut conn = shared.pool.get().await.map_err(StorageError::from)?;
+                    users::auth_key(&mut conn, req.user_id, AuthType::WxMini).await
+                };
+                match lookup.await {
+                    Ok(Some(o)) => {
+                        self.remember([(req.user_id, o.clone())]);
+                        o
+                    }
+                    Ok(None) => return Outcome::Suppressed("the user has no mini-program login (no openid)".into()),
+                    Err(e) => return storage_outcome(e),
+                }
             }
         };
         let Ok(openid) = OpenId::new(openid) else {

@@ -353,3 +353,51 @@ async fn two_replicas_with_every_request_three_times_send_each_message_once() {
     other.await.unwrap().unwrap();
     env.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_taken_in_batches_send_one_message_per_key_and_record_each_outcome() {
+    let mut env = Env::new().await;
+    let (alice, alice_openid) = env.user("batch-alice:1", None).await;
+    let (bob, bob_openid) = env.user("batch-bob:1", None).await;
+    // Everything waits in the stream before the notifier starts, so it is taken in batches: two users' messages,
+    // the same request repeated inside the batch (another message id), and a key already sent earlier.
+    let orders: Vec<_> = (0..8).map(|_| order_sn()).collect();
+    let already = order_sn();
+    let done = NewNotification {
+        key: &format!("{already}:pay_success:miniprogram"),
+        channel: "miniprogram",
+        template: "pay_success",
+        user_id: alice,
+        order_sn: already.as_str(),
+    };
+    let mut conn = env.pool.get().await.unwrap();
+    let Claim::Owned { attempt, .. } =
+        ledger::claim(&mut conn, &done, std::time::Duration::from_secs(10)).await.unwrap()
+    else {
+        panic!("a new key is owned")
+    };
+    let sent = ledger::Record { status: ledger::Status::Sent, provider_msg_id: Some("1"), reason: None };
+    assert!(ledger::record(&mut conn, done.key, attempt, &sent).await.unwrap());
+    drop(conn);
+    for (i, sn) in orders.iter().enumerate() {
+        let user = if i % 2 == 0 { alice } else { bob };
+        let env_ = MiniprogramNotify(request(PaySuccess, user, sn)).envelope();
+        env.publisher.publish(&env_).await.unwrap();
+        if i == 0 {
+            // The same request again under another message id: JetStream keeps both, the ledger sends one.
+            let again = Envelope::with_id(uuid::Uuid::new_v4(), env_.payload.clone());
+            env.publisher.publish(&again).await.unwrap();
+        }
+    }
+    env.publisher.publish(&MiniprogramNotify(request(PaySuccess, alice, &already)).envelope()).await.unwrap();
+
+    env.start(notifier_config("formal", ""));
+    for sn in &orders {
+        env.wait_status(&format!("{sn}:pay_success:miniprogram"), "sent").await;
+    }
+    env.settled(MINIPROGRAM_CONSUMER).await;
+    assert_eq!(env.messages_to(&alice_openid).await.len(), 4, "one per order, none for the key sent before");
+    assert_eq!(env.messages_to(&bob_openid).await.len(), 4);
+    assert_eq!(env.dead_letters(MINIPROGRAM_CONSUMER).await, 0);
+    env.stop().await.unwrap();
+}

@@ -82,6 +82,23 @@ pub async fn with_mobile(conn: &mut Conn, ids: &[UserId]) -> Result<std::collect
     Ok(found.into_iter().map(UserId).collect())
 }
 
+/// [`auth_key`] for many users in one statement: `(user, key)` for those who have that login method.
+pub async fn auth_keys(conn: &mut Conn, ids: &[UserId], auth: AuthType) -> Result<Vec<(UserId, String)>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<i64> = ids.iter().map(|i| i.0).collect();
+    let found: Vec<(i64, String)> = prepared(
+        a::table
+            .filter(a::user_id.eq_any(ids))
+            .filter(a::auth_type.eq(auth.as_str()))
+            .select((a::user_id, a::auth_key)),
+    )
+    .load(conn)
+    .await?;
+    Ok(found.into_iter().map(|(id, key)| (UserId(id), key)).collect())
+}
+
 /// The key of one of the user's login methods (the openid for `wxMini`).
 pub async fn auth_key(conn: &mut Conn, id: UserId, auth: AuthType) -> Result<Option<String>> {
     Ok(a::table
