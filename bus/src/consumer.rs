@@ -157,6 +157,9 @@ impl<H: Handler> Consumer<H> {
         metrics::register_consumer(&self.spec.name);
         let concurrency = self.spec.config.concurrency;
         let permits = Arc::new(Semaphore::new(concurrency));
+        // A batch holds a slot per message until its slowest message is done (the notifier waits for WeChat): at
+        // most a quarter of the slots per batch keeps several batches moving at once.
+        let batch_cap = H::BATCH.min(concurrency / 4).max(1);
         let ctx = Arc::new(Ctx { publisher: self.publisher.clone(), spec: self.spec.clone(), handler: self.handler });
         tracing::info!(consumer = %ctx.spec.name, concurrency, "consumer started");
         let mut failures = 0u32;
@@ -202,7 +205,7 @@ impl<H: Handler> Consumer<H> {
                         // More of what has already arrived, while slots are free: handled together.
                         let mut batch = vec![msg];
                         let mut slots = vec![permit];
-                        while batch.len() < H::BATCH.max(1) {
+                        while batch.len() < batch_cap {
                             let Ok(slot) = permits.clone().try_acquire_owned() else { break };
                             match messages.next().now_or_never() {
                                 Some(Some(Ok(msg))) => {

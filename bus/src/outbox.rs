@@ -120,6 +120,10 @@ impl Acked {
 
 /// Published rows deleted per statement, at most; also the most ids a writer passes as already published.
 const DELETE_BATCH: usize = 512;
+/// The delete task's pace: at most one DELETE per this interval (unless a full batch is waiting), so that under
+/// load each statement removes many rows instead of one statement per PubAck. Rows live this much longer; writers
+/// do not wait for it (see [`Acked`]).
+const DELETE_EVERY: Duration = Duration::from_millis(10);
 
 impl Outbox {
     /// Must be called inside a tokio runtime (it starts the delete task).
@@ -223,7 +227,15 @@ async fn delete_published(pool: PgPool, acked: std::sync::Weak<Acked>) {
             Ok(_) => {
                 failures = 0;
                 // Only now may writers stop treating these rows as published-and-present.
-                acked.lock().drain(..batch.len());
+                let left = {
+                    let mut ids = acked.lock();
+                    ids.drain(..batch.len());
+                    ids.len()
+                };
+                if left < DELETE_BATCH {
+                    drop(acked);
+                    tokio::time::sleep(DELETE_EVERY).await;
+                }
             }
             Err(e) => {
                 failures += 1;

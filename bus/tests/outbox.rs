@@ -230,12 +230,12 @@ async fn a_writer_publishes_its_own_events_after_commit_and_the_rows_go_without_
     let env = Env::new().await;
     let outbox = bus::Outbox::new(env.pool.clone(), env.publisher.clone());
     let stream = env.topology().stream_of(Subject::OrderStatus);
-    // Each transaction follows the PubAck of the one before, as a processor's next event of an aggregate follows
-    // a consumer hop: published but not yet deleted, the earlier rows do not hold the next ones back.
+    // Each transaction follows the one before once its rows are published and gone, as a processor's next event
+    // of an aggregate follows a consumer hop.
     for i in 0..3u64 {
         write_fast(&outbox, &env, &[job("agg", 2 * i, Mode::Succeed), job("agg", 2 * i + 1, Mode::Succeed)]).await;
-        testkit::eventually(Duration::from_secs(5), "published by the writer", || async {
-            (env.stream_count(&stream).await == 2 * i + 2).then_some(())
+        testkit::eventually(Duration::from_secs(5), "published by the writer and deleted", || async {
+            (env.stream_count(&stream).await == 2 * i + 2 && outbox_depth(&env).await == 0).then_some(())
         })
         .await;
     }
