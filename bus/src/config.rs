@@ -6,10 +6,12 @@ use std::time::Duration;
 use secrecy::SecretString;
 use serde::Deserialize;
 
-/// `[nats]`: where JetStream is and how streams are made.
-#[derive(Debug, Clone, Deserialize)]
+/// `[nats]`: where JetStream is and how streams are made. `Debug` shows `url` without any password or token in it.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsConfig {
+    /// Seed servers, comma-separated. Credentials belong in `user`/`password`/`token`; any put in the URL anyway
+    /// are masked wherever the URL is shown ([`NatsConfig::url_for_humans`]).
     pub url: String,
     /// First token of every subject and stream name; lets environments and tests share one server.
     pub prefix: String,
@@ -64,7 +66,41 @@ impl Default for NatsConfig {
     }
 }
 
+impl std::fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsConfig")
+            .field("url", &self.url_for_humans())
+            .field("prefix", &self.prefix)
+            .field("stream_replicas", &self.stream_replicas)
+            .field("duplicate_window", &self.duplicate_window)
+            .field("max_age", &self.max_age)
+            .field("dlq_max_age", &self.dlq_max_age)
+            .field("request_timeout", &self.request_timeout)
+            .field("user", &self.user)
+            .field("password", &self.password)
+            .field("token", &self.token)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
+            .field("require_tls", &self.require_tls)
+            .finish()
+    }
+}
+
 impl NatsConfig {
+    /// `url` for logs, errors and `paystream config`: the userinfo of each server (`nats://user:pass@host`,
+    /// `nats://token@host`) replaced by `***`.
+    pub fn url_for_humans(&self) -> String {
+        self.url
+            .split(',')
+            .map(|u| match (u.find("://"), u.rfind('@')) {
+                (Some(scheme), Some(at)) if at > scheme => format!("{}***{}", &u[..scheme + 3], &u[at..]),
+                _ => u.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     /// The seed servers of `url` (comma-separated); the client fails over between them and learns the rest of the
     /// cluster from the servers themselves.
     pub fn servers(&self) -> Vec<String> {
@@ -77,7 +113,7 @@ impl NatsConfig {
         if servers.is_empty() || servers.iter().any(|u| !(u.starts_with("nats://") || u.starts_with("tls://"))) {
             return Err(format!(
                 "nats.url must be nats:// or tls:// URLs, comma-separated for several seeds, got {:?}",
-                self.url
+                self.url_for_humans()
             ));
         }
         if !matches!(self.stream_replicas, 1 | 3 | 5) {
@@ -213,6 +249,20 @@ impl OutboxConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_in_the_url_never_show() {
+        let cfg = NatsConfig {
+            url: "nats://paystream:s3cret-pass@nats-0:4222, nats://tok3n@nats-1:4222,nats://nats-2:4222".into(),
+            ..Default::default()
+        };
+        let shown = cfg.url_for_humans();
+        assert_eq!(shown, "nats://***@nats-0:4222, nats://***@nats-1:4222,nats://nats-2:4222");
+        let debug = format!("{cfg:?}");
+        assert!(!debug.contains("s3cret-pass") && !debug.contains("tok3n") && debug.contains("nats-2"), "{debug}");
+        let bad = NatsConfig { url: "http://u:s3cret-pass@x".into(), ..Default::default() };
+        assert!(!bad.validate().unwrap_err().contains("s3cret-pass"));
+    }
 
     #[test]
     fn defaults_are_valid() {

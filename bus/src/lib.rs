@@ -64,19 +64,19 @@ pub async fn connect(cfg: &NatsConfig) -> Result<(async_nats::Client, async_nats
     let client = match options(cfg).connect(cfg.servers()).await {
         Ok(client) => client,
         Err(e) if matches!(e.kind(), Kind::AuthorizationViolation | Kind::Authentication) => {
-            return Err(BusError::Config(format!("NATS at {} refused paystream: {e}", cfg.url)));
+            return Err(BusError::Config(format!("NATS at {} refused paystream: {e}", cfg.url_for_humans())));
         }
         Err(e) if e.kind() == Kind::Tls || tls_refused(&e) => {
-            return Err(BusError::Config(format!("TLS with NATS at {} failed: {e}", cfg.url)));
+            return Err(BusError::Config(format!("TLS with NATS at {} failed: {e}", cfg.url_for_humans())));
         }
         Err(e) => {
-            tracing::warn!(error = %e, url = %cfg.url, "NATS not reachable yet; retrying in the background");
+            tracing::warn!(error = %e, url = %cfg.url_for_humans(), "NATS not reachable yet; retrying in the background");
             // Keep reconnecting forever: a worker outliving a NATS restart is the point.
             options(cfg)
                 .retry_on_initial_connect()
                 .connect(cfg.servers())
                 .await
-                .map_err(|e| BusError::Unavailable(format!("cannot connect to {}: {e}", cfg.url)))?
+                .map_err(|e| BusError::Unavailable(format!("cannot connect to {}: {e}", cfg.url_for_humans())))?
         }
     };
     let mut js = async_nats::jetstream::new(client.clone());

@@ -80,6 +80,15 @@ pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
         }
     };
     let notification_id = verified.notification.id.clone();
+    // The id becomes the event id (JetStream drops repeats by it): an empty or made-up one would make every later
+    // notification with the same id a "duplicate". WeChat's are UUID-like; refuse what cannot be one.
+    if !(8..=64).contains(&notification_id.len())
+        || !notification_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        metrics::callback(CallbackOutcome::Malformed);
+        tracing::warn!(outcome = "malformed", "callback refused: notification id missing or malformed");
+        return fail(StatusCode::BAD_REQUEST, "callback refused: malformed notification");
+    }
     match verified.payload {
         NotifyPayload::Transaction(t) => {
             let report = report(ReportSource::Callback, Some(notification_id.clone()), t);

@@ -37,9 +37,11 @@ pub enum ApiError {
     /// Too many requests of this kind are already waiting (password hashing): try again in a second.
     #[error("too busy right now, try again in a moment")]
     Busy,
-    /// WeChat failed or refused; `retryable` says whether the same call may work later.
+    /// WeChat failed or refused; `retryable` says whether the same call may work later. `msg` is ours and is
+    /// answered; `detail` is WeChat's own code and text, which is logged and never sent (it can name the merchant,
+    /// the app id and our configuration).
     #[error("{msg}")]
-    Upstream { msg: String, retryable: bool },
+    Upstream { msg: &'static str, detail: String, retryable: bool },
     /// Postgres or NATS is unreachable: retry later.
     #[error("service temporarily unavailable, try again shortly")]
     Unavailable(String),
@@ -169,7 +171,9 @@ impl IntoResponse for ApiError {
             ApiError::Unavailable(detail) => {
                 tracing::warn!(code = self.code(), error = %detail, "dependency unavailable")
             }
-            ApiError::Upstream { msg, .. } => tracing::warn!(code = self.code(), error = %msg, "WeChat call failed"),
+            ApiError::Upstream { detail, .. } => {
+                tracing::warn!(code = self.code(), error = %detail, "WeChat call failed")
+            }
             _ => tracing::debug!(code = self.code(), msg = %self, "request refused"),
         }
         let mut resp = error_body(status, self.code(), &self.to_string());

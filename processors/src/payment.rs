@@ -69,7 +69,7 @@ impl Handler for PaymentProcessor {
             if r.appid != self.appid || r.mchid != self.mchid || r.trade_state != "SUCCESS" {
                 continue;
             }
-            if r.currency.as_deref().is_some_and(|c| c != "CNY") {
+            if r.currency.as_deref() != Some("CNY") {
                 continue;
             }
             // A payment reported twice in one batch (callback and query): the second waits for the one-by-one pass.
@@ -110,7 +110,13 @@ impl Handler for PaymentProcessor {
                 format!("report for appid {} / mchid {} is not ours", r.appid, r.mchid),
             ));
         }
-        if r.currency.as_deref().is_some_and(|c| c != "CNY") {
+        // Money moves only in CNY, and a success must say so: a report without a currency is not trusted.
+        let no_cny = if r.trade_state == "SUCCESS" {
+            r.currency.as_deref() != Some("CNY")
+        } else {
+            r.currency.as_deref().is_some_and(|c| c != "CNY")
+        };
+        if no_cny {
             return Err(refuse("currency_mismatch", format!("report in {:?}, payments are in CNY", r.currency)));
         }
         let sn = PaymentSn::parse(&r.out_trade_no)

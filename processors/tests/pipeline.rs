@@ -190,15 +190,18 @@ async fn mismatches_and_unknown_payments_are_dead_lettered_and_change_nothing() 
     unknown.out_trade_no = PaymentSn::generate(Utc::now()).to_string();
     let mut garbage = success(&b, "n-garbage");
     garbage.out_trade_no = "not-ours".into();
-    for r in [wrong_amount, wrong_merchant, unknown, garbage] {
+    let mut no_currency = success(&b, "n-currency");
+    no_currency.currency = None;
+    for r in [wrong_amount, wrong_merchant, unknown, garbage, no_currency] {
         env.report(r).await;
     }
-    let reasons = testkit::eventually(Duration::from_secs(20), "four dead letters", || async {
+    let reasons = testkit::eventually(Duration::from_secs(20), "five dead letters", || async {
         let r = env.dead_letters("payment").await;
-        (r.len() == 4).then_some(r)
+        (r.len() == 5).then_some(r)
     })
     .await;
     stop(token, tasks).await;
+    assert!(reasons.iter().any(|r| r.contains("payments are in CNY")), "a success must say CNY: {reasons:?}");
     assert!(reasons.iter().any(|r| r.starts_with("amount mismatch") && r.contains("WeChat says 1 fen")), "{reasons:?}");
     assert!(reasons.iter().any(|r| r.contains("is not ours")), "{reasons:?}");
     assert_eq!(reasons.iter().filter(|r| r.starts_with("unknown payment")).count(), 2, "{reasons:?}");

@@ -45,6 +45,14 @@ pub struct DbConfig {
     /// `<cluster>-ca` Secret, key `ca.crt`). Unset: the system's trusted roots.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// PostgreSQL cancels a statement of the pool's connections running longer than this (`statement_timeout`;
+    /// 0s: never): a runaway query ends with a transient error instead of holding a connection and its locks.
+    /// Migrations and tools are not bound by it.
+    #[serde(default = "default_statement_timeout", with = "humantime_serde")]
+    pub statement_timeout: Duration,
+    /// ...and a statement waiting longer than this for a lock (`lock_timeout`; 0s: never).
+    #[serde(default = "default_lock_timeout", with = "humantime_serde")]
+    pub lock_timeout: Duration,
 }
 
 /// `database.tls`, named after libpq's `sslmode` values.
@@ -65,6 +73,12 @@ fn default_pool_size() -> usize {
 fn default_acquire_timeout() -> Duration {
     Duration::from_secs(5)
 }
+fn default_statement_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_lock_timeout() -> Duration {
+    Duration::from_secs(10)
+}
 
 impl DbConfig {
     pub fn new(url: impl Into<String>) -> Self {
@@ -74,6 +88,8 @@ impl DbConfig {
             acquire_timeout: default_acquire_timeout(),
             tls: DbTls::Disable,
             ca_file: None,
+            statement_timeout: default_statement_timeout(),
+            lock_timeout: default_lock_timeout(),
         }
     }
 
@@ -87,6 +103,11 @@ impl DbConfig {
         }
         if self.ca_file.is_some() && self.tls == DbTls::Disable {
             return Err("database.ca_file is set but database.tls is \"disable\": set tls = \"verify-full\"".into());
+        }
+        if url.contains("options=") {
+            return Err(
+                "database.url: set timeouts with database.statement_timeout and lock_timeout, not options".into()
+            );
         }
         if url.contains("sslmode=") {
             return Err("database.url: set TLS with database.tls, not sslmode in the URL".into());
@@ -164,10 +185,13 @@ impl From<deadpool::PoolError> for StorageError {
 
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;
 
-/// How connections are made: plain, or TLS with the configured roots. Built once per pool.
+/// How connections are made: plain, or TLS with the configured roots, and with the session settings of pooled
+/// connections. Built once per pool.
 #[derive(Clone)]
 struct Connector {
     tls: Option<MakeRustlsConnect>,
+    /// `-c name=value` server options for every connection (the pool's timeouts); empty for tools.
+    options: String,
 }
 
 impl Connector {
@@ -176,11 +200,34 @@ impl Connector {
             DbTls::Disable => None,
             DbTls::VerifyFull => Some(MakeRustlsConnect::new(tls_config(cfg)?)),
         };
-        Ok(Connector { tls })
+        Ok(Connector { tls, options: String::new() })
+    }
+
+    /// [`Connector::new`] for the pool: its connections carry the configured timeouts.
+    fn for_pool(cfg: &DbConfig) -> Result<Connector> {
+        let mut c = Connector::new(cfg)?;
+        c.options = format!(
+            "-c statement_timeout={} -c lock_timeout={}",
+            cfg.statement_timeout.as_millis(),
+            cfg.lock_timeout.as_millis()
+        );
+        Ok(c)
     }
 
     async fn establish(&self, url: &str) -> diesel::ConnectionResult<AsyncPgConnection> {
-        let Some(tls) = &self.tls else { return AsyncPgConnection::establish(url).await };
+        if self.tls.is_none() && self.options.is_empty() {
+            return AsyncPgConnection::establish(url).await;
+        }
+        let Some(tls) = &self.tls else {
+            let mut config: tokio_postgres::Config =
+                url.parse().map_err(|e: tokio_postgres::Error| ConnectionError::BadConnection(e.to_string()))?;
+            config.options(&self.options);
+            let (client, connection) = config
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map_err(|e| ConnectionError::BadConnection(e.to_string()))?;
+            return AsyncPgConnection::try_from_client_and_connection(client, connection).await;
+        };
         // tokio-postgres keeps the cause (which certificate check failed) in the source chain, not in Display.
         let bad = |e: tokio_postgres::Error| {
             let mut msg = e.to_string();
@@ -194,6 +241,9 @@ impl Connector {
         let mut config: tokio_postgres::Config = url.parse().map_err(bad)?;
         // TLS or nothing: libpq's default ("prefer") would fall back to plain text.
         config.ssl_mode(tokio_postgres::config::SslMode::Require);
+        if !self.options.is_empty() {
+            config.options(&self.options);
+        }
         let (client, connection) = config.connect(tls.clone()).await.map_err(bad)?;
         AsyncPgConnection::try_from_client_and_connection(client, connection).await
     }
@@ -235,7 +285,7 @@ fn tls_config(cfg: &DbConfig) -> Result<rustls::ClientConfig> {
 
 /// Builds the pool. Connections are made lazily, so this succeeds even while Postgres is still starting.
 pub fn pool(cfg: &DbConfig) -> Result<PgPool> {
-    let connector = Connector::new(cfg)?;
+    let connector = Connector::for_pool(cfg)?;
     let mut setup = ManagerConfig::default();
     // No `SELECT 1` per checkout (diesel-async's default `Verified` costs a round trip on every borrow, about a
     // dozen per payment). A connection whose socket closed is still dropped on return (`is_broken` checks it); one

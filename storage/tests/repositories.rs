@@ -321,3 +321,32 @@ async fn the_database_refuses_invalid_values_even_if_code_would_not() {
         assert!(r.is_err(), "{sql} must be refused");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pooled_connections_carry_the_statement_and_lock_timeouts() {
+    #[derive(diesel::QueryableByName)]
+    struct Setting {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        value: String,
+    }
+    let db = TestDb::create().await;
+    let cfg = storage::DbConfig {
+        statement_timeout: std::time::Duration::from_millis(200),
+        lock_timeout: std::time::Duration::from_millis(150),
+        ..storage::DbConfig::new(&db.url)
+    };
+    let pool = storage::pool(&cfg).unwrap();
+    let mut conn = pool.get().await.unwrap();
+    let show = |name: &str| diesel::sql_query(format!("SELECT current_setting('{name}') AS value"));
+    let s: Setting = storage::RunQueryDsl::get_result(show("statement_timeout"), &mut *conn).await.unwrap();
+    let l: Setting = storage::RunQueryDsl::get_result(show("lock_timeout"), &mut *conn).await.unwrap();
+    assert_eq!((s.value.as_str(), l.value.as_str()), ("200ms", "150ms"));
+    // A runaway statement is cancelled, as a transient failure the caller may retry.
+    let slow = storage::RunQueryDsl::execute(diesel::sql_query("SELECT pg_sleep(5)"), &mut *conn).await;
+    let err = storage::StorageError::from(slow.unwrap_err());
+    assert!(err.is_transient() && err.to_string().contains("statement timeout"), "{err}");
+    // Tools and migrations connect without them.
+    let mut tool = storage::connect(&cfg).await.unwrap();
+    let s: Setting = storage::RunQueryDsl::get_result(show("statement_timeout"), &mut tool).await.unwrap();
+    assert_eq!(s.value, "0");
+}

@@ -87,7 +87,11 @@ pub async fn create(
     if req.live_end_time <= req.live_start_time {
         return Err(ApiError::invalid("liveEndTime must be after liveStartTime"));
     }
-    let span = req.live_end_time - req.live_start_time;
+    // Checked: i64::MAX - i64::MIN would overflow (a panic in debug builds, a wrapped value in release).
+    let span = req
+        .live_end_time
+        .checked_sub(req.live_start_time)
+        .ok_or_else(|| ApiError::invalid("liveStartTime and liveEndTime must be unix seconds of real dates"))?;
     if span % DAY != 0 {
         return Err(ApiError::invalid(
             "the stay must be whole nights: liveEndTime - liveStartTime a multiple of 86400",

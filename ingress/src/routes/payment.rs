@@ -98,10 +98,16 @@ fn prepay_error(e: wechat::PayError) -> ApiError {
             conflict::CHANGED_AT_WECHAT,
             "WeChat holds this payment with other parameters and refuses to change it",
         ),
-        _ if e.is_retryable() => {
-            ApiError::Upstream { msg: format!("WeChat Pay is unavailable, try again shortly ({e})"), retryable: true }
-        }
-        _ => ApiError::Upstream { msg: format!("WeChat Pay refused the payment ({e})"), retryable: false },
+        _ if e.is_retryable() => ApiError::Upstream {
+            msg: "WeChat Pay is unavailable, try again shortly",
+            detail: e.to_string(),
+            retryable: true,
+        },
+        _ => ApiError::Upstream {
+            msg: "WeChat Pay refused the payment; the merchant has been told",
+            detail: e.to_string(),
+            retryable: false,
+        },
     }
 }
 

@@ -171,9 +171,9 @@ fn mini_error(e: wechat::MiniError) -> ApiError {
         }
         MiniError::Invalid(_) => ApiError::invalid("code must be the code from wx.login"),
         _ if e.is_retryable() => {
-            ApiError::Upstream { msg: format!("WeChat login is unavailable, try again: {e}"), retryable: true }
+            ApiError::Upstream { msg: "WeChat login is unavailable, try again", detail: e.to_string(), retryable: true }
         }
-        _ => ApiError::Upstream { msg: format!("WeChat refused the login: {e}"), retryable: false },
+        _ => ApiError::Upstream { msg: "WeChat refused the login", detail: e.to_string(), retryable: false },
     }
 }
 

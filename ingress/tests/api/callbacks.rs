@@ -211,6 +211,19 @@ async fn forged_tampered_stale_probe_and_undecryptable_callbacks_are_refused_and
     assert!(r.success_time.is_some());
     assert_eq!(app.events().await.len(), 1, "no transaction event from a refund notice");
 
+    // Properly signed but without a usable notification id: every such callback would be one event id, and the
+    // later ones would be dropped as duplicates. Refused, nothing published.
+    for id in ["", "   ", "x"] {
+        let mut notice: Value =
+            serde_json::from_slice(&forge.body(&app, "PMT20261127100000000000004", &forge.apiv3)).unwrap();
+        notice["id"] = json!(id);
+        let bad = serde_json::to_vec(&notice).unwrap();
+        let (status, answer) = send(&app, &forge.headers(&forge.platform, now, &bad), bad.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "id {id:?}: {answer}");
+        assert_eq!(answer["code"], "FAIL");
+    }
+    assert_eq!(app.events().await.len(), 1, "no event from a callback without a notification id");
+
     // Oversized bodies get WeChat's body shape too.
     let (status, answer) = send(&app, &[], vec![b' '; 100 * 1024]).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);

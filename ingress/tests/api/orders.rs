@@ -39,6 +39,8 @@ async fn create_prices_in_fen_and_refuses_every_broken_rule() {
         (body(listed, start + 86400, start, 1), StatusCode::UNPROCESSABLE_ENTITY, "after liveStartTime"),
         (body(listed, start, start + 86400 + 3600, 1), StatusCode::UNPROCESSABLE_ENTITY, "whole nights"),
         (body(listed, start - 3 * 86400, start - 2 * 86400, 1), StatusCode::UNPROCESSABLE_ENTITY, "in the past"),
+        // Far apart: the subtraction itself would overflow.
+        (body(listed, i64::MIN, i64::MAX, 1), StatusCode::UNPROCESSABLE_ENTITY, "real dates"),
     ];
     for (req, status, msg) in cases {
         let (got, b) = app.post(CREATE, &req, Some(&token)).await;

@@ -189,6 +189,24 @@ async fn wechat_failures_are_502_with_a_readable_message_and_retrying_works() {
     let (status, body) = app.prepay(&alice, &sn).await;
     assert_eq!((status, body["code"].as_i64()), (StatusCode::BAD_GATEWAY, Some(50200)), "{body}");
     assert!(body["msg"].as_str().unwrap().contains("try again"), "{body}");
+    // WeChat's own code and text stay in our log: they can name the merchant, the app and our configuration.
+    assert!(!body.to_string().contains("SYSTEM_ERROR") && !body.to_string().contains("系统繁忙"), "{body}");
+    let refusal = sandbox::Fault::Fail {
+        api: sandbox::Api::Jsapi,
+        times: 1,
+        status: Some(400),
+        code: Some("APPID_MCHID_NOT_MATCH".into()),
+        message: Some("商户号1900000001与appid wx0000000000000000不匹配".into()),
+        errcode: None,
+    };
+    app.control.fault(&refusal).await.unwrap();
+    let (status, body) = app.prepay(&alice, &sn).await;
+    assert_eq!((status, body["code"].as_i64()), (StatusCode::BAD_GATEWAY, Some(50201)), "{body}");
+    let text = body.to_string();
+    assert!(
+        !text.contains("APPID_MCHID_NOT_MATCH") && !text.contains("1900000001") && !text.contains("appid"),
+        "{body}"
+    );
     let (status, body) = app.prepay(&alice, &sn).await;
     assert_eq!(status, StatusCode::OK, "{body}");
 
