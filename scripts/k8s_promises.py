@@ -16,6 +16,7 @@ skipped with a warning (the rest still runs). Needs PyYAML; Python >= 3.11 (toml
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -237,10 +238,12 @@ def dummy_secret(name: str) -> str:
         return "postgres://paystream@localhost:5432/paystream"
     if upper.endswith("APIV3_KEY"):
         return "k" * 32  # exactly 32 bytes, as WeChat's APIv3 key
+    # Token keys must look random to the binary (it refuses placeholders and low-entropy keys): fixed hex strings.
     if upper.endswith("JWT_SECRET"):
-        return "j" * 48
+        return hashlib.sha256(b"dummy jwt secret").hexdigest()
     if upper.endswith("JWT_PREVIOUS_SECRETS"):
-        return '["' + "p" * 48 + '"]'  # a list, as the Secret key must hold it during a rotation
+        # a list, as the Secret key must hold it during a rotation
+        return '["' + hashlib.sha256(b"dummy previous jwt secret").hexdigest() + '"]'
     if upper.endswith("SECRET_ID"):
         return "AKIDdummydummydummy"
     return "dummy-secret-value"

@@ -85,6 +85,31 @@ fn default_status_query_interval() -> Duration {
     Duration::from_secs(5)
 }
 
+/// Whether a token key could be guessed: a placeholder left from an example file, or too little entropy. The
+/// estimate is the Shannon entropy of the key's characters times its length, taken over its shortest repeating
+/// unit ("1234567890" four times counts once). A random hex key of 32 characters scores about 120 bits,
+/// `openssl rand -hex 32` about 250; "aaaa…" or a short word repeated scores far less. The refusal needs under 96
+/// bits, so real random keys always pass. The message never contains the key.
+fn guessable(secret: &str) -> Result<(), &'static str> {
+    let lower = secret.to_ascii_lowercase();
+    if ["set-me", "change-me", "changeme", "placeholder", "example"].iter().any(|p| lower.contains(p)) {
+        return Err("is a placeholder from an example");
+    }
+    let chars: Vec<char> = secret.chars().collect();
+    let period = (1..chars.len()).find(|&p| (p..chars.len()).all(|i| chars[i] == chars[i - p])).unwrap_or(chars.len());
+    let unit = &chars[..period];
+    let mut counts = std::collections::HashMap::new();
+    for c in unit {
+        *counts.entry(*c).or_insert(0usize) += 1;
+    }
+    let n = unit.len() as f64;
+    let bits_per_char: f64 = counts.values().map(|&k| k as f64 / n).map(|p| -p * p.log2()).sum();
+    if bits_per_char * n < 96.0 {
+        return Err("has too little entropy (under 96 bits estimated)");
+    }
+    Ok(())
+}
+
 impl IngressConfig {
     /// Defaults with the given secret (tests and tools).
     pub fn new(jwt_secret: impl Into<String>) -> Self {
@@ -120,6 +145,12 @@ impl IngressConfig {
         }
         if self.jwt_previous_secrets.iter().any(|s| s.expose_secret().len() < 32) {
             return Err("http.jwt_previous_secrets must each be at least 32 bytes".into());
+        }
+        if let Err(why) = guessable(self.jwt_secret.expose_secret()) {
+            return Err(format!("http.jwt_secret {why}: anyone could forge tokens; use e.g. `openssl rand -hex 32`"));
+        }
+        if let Some(why) = self.jwt_previous_secrets.iter().find_map(|s| guessable(s.expose_secret()).err()) {
+            return Err(format!("http.jwt_previous_secrets: one {why}"));
         }
         if self.jwt_ttl < Duration::from_secs(60) || self.jwt_ttl > Duration::from_secs(30 * 24 * 3600) {
             return Err("http.jwt_ttl must be between 1 minute and 30 days".into());
@@ -165,7 +196,7 @@ mod tests {
     #[test]
     fn defaults_and_errors_name_the_key() {
         let cfg: IngressConfig = serde_json::from_value(serde_json::json!({
-            "jwt_secret": "0123456789abcdef0123456789abcdef"
+            "jwt_secret": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822c"
         }))
         .unwrap();
         cfg.validate().unwrap();
@@ -174,7 +205,7 @@ mod tests {
         assert_eq!(cfg.body_limit_bytes, 65536);
         assert!(cfg.seed_demo_homestays && cfg.jwt_previous_secrets.is_empty());
         let prod: IngressConfig = serde_json::from_value(serde_json::json!({
-            "jwt_secret": "0123456789abcdef0123456789abcdef", "seed_demo_homestays": false,
+            "jwt_secret": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822c", "seed_demo_homestays": false,
             "jwt_previous_secrets": ["short"]
         }))
         .unwrap();
@@ -183,11 +214,20 @@ mod tests {
 
         let short = IngressConfig::new("short");
         assert_eq!(short.validate().unwrap_err(), "http.jwt_secret must be at least 32 bytes");
-        let mut bad = IngressConfig::new("0123456789abcdef0123456789abcdef");
+        for weak in
+            ["set-me-in-the-environment-at-least-32-bytes", &"x".repeat(64), &"ab".repeat(24), &"1234567890".repeat(4)]
+        {
+            let e = IngressConfig::new(weak).validate().unwrap_err();
+            assert!(e.starts_with("http.jwt_secret ") && !e.contains(weak), "{weak}: {e}");
+        }
+        let mut rotated = IngressConfig::new("9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822c");
+        rotated.jwt_previous_secrets = vec![SecretString::from("z".repeat(40))];
+        assert!(rotated.validate().unwrap_err().starts_with("http.jwt_previous_secrets"));
+        let mut bad = IngressConfig::new("9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822c");
         bad.cors_allowed_origins = vec!["https://ok.example.com".into(), "example.com/path".into()];
         assert!(bad.validate().unwrap_err().starts_with("http.cors_allowed_origins[1]"));
         let unknown = serde_json::from_value::<IngressConfig>(serde_json::json!({
-            "jwt_secret": "0123456789abcdef0123456789abcdef", "listen_addr": "x"
+            "jwt_secret": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822c", "listen_addr": "x"
         }));
         assert!(unknown.unwrap_err().to_string().contains("listen_addr"));
         assert!(!format!("{short:?}").contains("short\""), "the secret never prints");

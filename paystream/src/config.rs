@@ -274,7 +274,14 @@ mod tests {
     #[test]
     fn the_example_file_is_valid_and_complete() {
         let example = include_str!("../../paystream.example.toml");
-        let cfg = Config::from_toml(example).unwrap_or_else(|e| panic!("paystream.example.toml: {e}"));
+        // Its token key is a placeholder, refused by name until a real one is set (in the environment, ideally).
+        let e = Config::from_toml(example).unwrap_err().to_string();
+        assert!(e.contains("http.jwt_secret is a placeholder"), "{e}");
+        let example = example.replace(
+            "set-me-in-the-environment-at-least-32-bytes",
+            "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822c",
+        );
+        let cfg = Config::from_toml(&example).unwrap_or_else(|e| panic!("paystream.example.toml: {e}"));
         assert!(
             cfg.wechat.is_some() && cfg.sms.is_some() && cfg.http.is_some() && cfg.notifier.is_some(),
             "the example documents every section"
@@ -340,7 +347,7 @@ mod tests {
             assert!(e.contains("jwt_secret"), "every section is checked when all are used: {e}");
             let relay = Config::load_for(path, &["http", "wechat", "sms", "notifier"]).map_err(|e| e.to_string())?;
             assert!(relay.http.is_none() && relay.sms.is_none());
-            jail.set_env("PAYSTREAM__HTTP__JWT_SECRET", "0123456789abcdef0123456789abcdef");
+            jail.set_env("PAYSTREAM__HTTP__JWT_SECRET", "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822c");
             let ingress = Config::load_for(path, &["sms", "notifier"]).map_err(|e| e.to_string())?;
             assert!(ingress.http.is_some() && ingress.sms.is_none());
             jail.set_env("PAYSTREAM__NATS__PREFIX", "a.b");
@@ -357,14 +364,14 @@ mod tests {
             jail.create_file(
                 "paystream.toml",
                 &format!(
-                    "{MINIMAL}\n[http]\nlisten = \"127.0.0.1:8080\"\njwt_secret = \"from-the-file-from-the-file-from-the-file\"\n"
+                    "{MINIMAL}\n[http]\nlisten = \"127.0.0.1:8080\"\njwt_secret = \"from-the-file-7f3a9c2e1b5d80466e2d\"\n"
                 ),
             )?;
             let path = Some(Path::new("paystream.toml"));
             // All digits (TOML would make it a number, refused with the secret in the message), and quoted.
-            jail.set_env("PAYSTREAM__HTTP__JWT_SECRET", "12345678901234567890123456789012");
+            jail.set_env("PAYSTREAM__HTTP__JWT_SECRET", "27182818284590452353602874713526624977");
             let cfg = Config::load(path).map_err(|e| e.to_string())?;
-            assert_eq!(cfg.http.as_ref().unwrap().jwt_secret.expose_secret(), "12345678901234567890123456789012");
+            assert_eq!(cfg.http.as_ref().unwrap().jwt_secret.expose_secret(), "27182818284590452353602874713526624977");
             jail.set_env("PAYSTREAM__HTTP__JWT_SECRET", "\"quoted-secret-quoted-secret-quoted\"");
             let cfg = Config::load(path).map_err(|e| e.to_string())?;
             assert_eq!(cfg.http.as_ref().unwrap().jwt_secret.expose_secret(), "\"quoted-secret-quoted-secret-quoted\"");
@@ -373,7 +380,7 @@ mod tests {
             let e = Config::load(path).unwrap_err().to_string();
             assert!(e.contains("http.jwt_secret") && !e.contains("31415926"), "{e}");
             // From a file (a mounted secret): one trailing newline dropped.
-            jail.create_file("jwt", "0000000000000000000000000000000000000001\n")?;
+            jail.create_file("jwt", "3141592653589793238462643383279502884197\n")?;
             jail.set_env("PAYSTREAM__HTTP__JWT_SECRET_FILE", "jwt");
             let e = Config::load(path).unwrap_err().to_string();
             assert!(e.contains("set twice") && e.contains("PAYSTREAM__HTTP__JWT_SECRET_FILE"), "{e}");
@@ -382,7 +389,7 @@ mod tests {
             let cfg = Config::load(path).map_err(|e| e.to_string())?;
             assert_eq!(
                 cfg.http.as_ref().unwrap().jwt_secret.expose_secret(),
-                "0000000000000000000000000000000000000001"
+                "3141592653589793238462643383279502884197"
             );
             jail.set_env("PAYSTREAM__HTTP__JWT_SECRET_FILE", "/nonexistent/jwt");
             let e = Config::load(path).unwrap_err().to_string();
@@ -410,6 +417,7 @@ mod tests {
             jail.set_env("PAYSTREAM__WECHAT__APIV3_KEY_FILE", "/nonexistent/apiv3_key");
             Config::load_for(path, &payment).map_err(|e| e.to_string())?;
             jail.clear_env();
+            jail.set_env("PAYSTREAM__HTTP__JWT_SECRET", "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822c");
             // Without the APIv3 key in the file: fine for the notifier, refused by name for the roles that need it.
             let without = example.replace("apiv3_key = \"set-me-in-the-environment-32byte\"\n", "");
             assert_ne!(without, example);
