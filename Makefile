@@ -8,7 +8,7 @@ CARGO ?= cargo
 # Tests and tools read the infrastructure's addresses from here (written by scripts/infra.sh up).
 WITH_INFRA := set -a; source .run/infra.env; set +a;
 
-.PHONY: demo test lint rules k8s infra infra-down bench bench-pipeline bench-e2e toolchain image-rehearsal
+.PHONY: demo test lint rules k8s infra infra-down bench bench-pipeline bench-e2e bench-prepay bench-ingest toolchain image-rehearsal
 
 toolchain:
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs) and retry" >&2; exit 1; }
@@ -46,10 +46,23 @@ bench-pipeline: toolchain infra
 	PAYSTREAM_BIN=target/release/paystream scripts/demo.sh bench
 
 # Open loop, end to end (callback → order paid → notifications) at fixed offered rates, on a system it starts itself;
-# options pass through ARGS, e.g. make bench-e2e ARGS="--rates 500 --duration 10s" (paystream bench e2e --help).
+# options pass through ARGS, e.g. make bench-e2e ARGS="--rates 500 --duration 10s" (paystream bench e2e --help);
+# --fsync both adds a run with PostgreSQL's production durability, --roles-bin PATH runs the roles from another build.
 bench-e2e: toolchain infra
 	$(CARGO) build -q --release -p paystream
 	$(WITH_INFRA) PAYSTREAM__TELEMETRY__LOG_FILTER=warn target/release/paystream bench e2e $(ARGS)
+
+# Prepay (two RSA signatures) per ingress CPU-second beside one thread's RSA-2048 signing rate ÷ 2, on a sandbox and
+# an ingress it starts itself; e.g. make bench-prepay ARGS="--prepays 1000 --concurrency 8" (paystream bench prepay --help).
+bench-prepay: toolchain infra
+	$(CARGO) build -q --release -p paystream
+	$(WITH_INFRA) PAYSTREAM__TELEMETRY__LOG_FILTER=warn target/release/paystream bench prepay $(ARGS)
+
+# Callback ingest (verify, decrypt, publish, PubAck) beside RSA-2048 verification and JetStream publish+PubAck;
+# e.g. make bench-ingest ARGS="--callbacks 10000 --in-flight 64" (paystream bench ingest --help).
+bench-ingest: toolchain infra
+	$(CARGO) build -q --release -p paystream
+	$(WITH_INFRA) PAYSTREAM__TELEMETRY__LOG_FILTER=warn target/release/paystream bench ingest $(ARGS)
 
 # The Dockerfile's build and runtime stages without a container engine (slow: a release build; needs root).
 image-rehearsal: toolchain

@@ -64,6 +64,8 @@ export PAYSTREAM__HTTP__LISTEN="127.0.0.1:$http_port"
 export PAYSTREAM__ADMIN__LISTEN="127.0.0.1:$admin_port"
 export PAYSTREAM__HTTP__JWT_SECRET="${PAYSTREAM__HTTP__JWT_SECRET:-$(python3 -c 'import secrets; print(secrets.token_hex(32))')}"
 export PAYSTREAM__TELEMETRY__LOG_FILTER="${PAYSTREAM__TELEMETRY__LOG_FILTER:-warn}"
+# The demo books one of the demo homestays, which the ingress inserts only when asked.
+export PAYSTREAM__HTTP__SEED_DEMO_HOMESTAYS=true
 "$bin" --config "$config" all >"$run/all.out" 2>"$run/all.log" &
 pids+=($!)
 deadline=$((SECONDS + 60))

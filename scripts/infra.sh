@@ -8,6 +8,10 @@
 #   scripts/infra.sh down    stop what `up` started
 #   scripts/infra.sh env     print .run/infra.env
 #
+# The private cluster's settings (fsync=off and co., for speed) live in its postgresql.conf, so that ALTER SYSTEM can
+# override them (`paystream bench e2e --fsync on`); `up` moves those of a cluster started with them on the command
+# line by an older version of this script there, restarting it once on the same port.
+#
 # DATABASE_URL, when set, names an existing PostgreSQL (an admin URL: tests create one database each on it) and no
 # private cluster is started. NATS_URL, when set, is used as is (it must be nats-server 2.12 or newer).
 set -euo pipefail
@@ -75,22 +79,56 @@ pg_bindir() {
 # PostgreSQL refuses to run as root: when we are root, the cluster belongs to the `postgres` user.
 as_pg() { if [[ $(id -u) == 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 
+# The cluster's settings live in its postgresql.conf, not on postgres's command line: what the command line sets,
+# ALTER SYSTEM (postgresql.auto.conf) cannot override, and `paystream bench e2e --fsync on|both` switches durability
+# that way (and puts it back). Tuned for a disposable test cluster: durability is the tests' business only through
+# transactions, not fsync. Appended once, under this marker.
+pg_marker="# --- scripts/infra.sh (paystream) ---"
+pg_configure() { # pg_configure DATA
+  local conf="$1/postgresql.conf"
+  grep -qxF "$pg_marker" "$conf" && return
+  as_pg tee -a "$conf" >/dev/null <<CONF
+
+$pg_marker
+# Kept here, not on the command line, so that ALTER SYSTEM can switch durability (bench e2e --fsync on).
+listen_addresses = '127.0.0.1'
+max_connections = 300
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+CONF
+}
+
+pg_start() { # pg_start BIN DATA PORT
+  as_pg "$1/pg_ctl" -D "$2" -l "$run/pg/server.log" -w -t 30 -o "-p $3 -k $run/pg" start >/dev/null \
+    || die "postgres did not start (see $run/pg/server.log)"
+}
+
 pg_up() {
   if [[ -n ${DATABASE_URL:-} ]]; then echo "$DATABASE_URL"; return; fi
   local bin; bin=$(pg_bindir)
   local data="$run/pg/data"
-  if [[ -f $run/pg.url ]] && as_pg "$bin/pg_ctl" -D "$data" status >/dev/null 2>&1; then cat "$run/pg.url"; return; fi
+  if [[ -f $run/pg.url ]] && as_pg "$bin/pg_ctl" -D "$data" status >/dev/null 2>&1; then
+    # A cluster started by an older infra.sh takes fsync & co. from its command line: restart it once, on the same
+    # port (so that .run/infra.env stays right), with the settings in postgresql.conf.
+    if grep -q 'fsync=' "$data/postmaster.opts" 2>/dev/null; then
+      local port; port=$(sed 's|.*:\([0-9]*\)/.*|\1|' "$run/pg.url")
+      pg_configure "$data"
+      log "restarting postgres on 127.0.0.1:$port once: its settings move from the command line to postgresql.conf"
+      as_pg "$bin/pg_ctl" -D "$data" -m fast -w stop >/dev/null || die "postgres did not stop"
+      pg_start "$bin" "$data" "$port"
+    fi
+    cat "$run/pg.url"; return
+  fi
   mkdir -p "$run/pg"
   [[ $(id -u) == 0 ]] && chown postgres "$run/pg"
   if [[ ! -f $data/PG_VERSION ]]; then
     as_pg "$bin/initdb" -D "$data" -U postgres -A trust -E UTF8 --no-locale >"$run/pg-initdb.log" 2>&1 \
       || die "initdb failed (see $run/pg-initdb.log)"
   fi
+  pg_configure "$data"
   local port; port=$(free_port)
-  # Tuned for a disposable test cluster: durability is the tests' business only through transactions, not fsync.
-  as_pg "$bin/pg_ctl" -D "$data" -l "$run/pg/server.log" -w -t 30 \
-    -o "-p $port -k $run/pg -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
-    start >/dev/null || die "postgres did not start (see $run/pg/server.log)"
+  pg_start "$bin" "$data" "$port"
   log "postgres $("$bin/postgres" --version | awk '{print $3}') on 127.0.0.1:$port"
   echo "postgres://postgres@127.0.0.1:$port/postgres" > "$run/pg.url"
   cat "$run/pg.url"

@@ -41,10 +41,28 @@ pub struct IngressConfig {
     /// At most one WeChat query per payment per this interval, however often the front end polls.
     #[serde(default = "default_status_query_interval", with = "humantime_serde")]
     pub status_query_interval: Duration,
-    /// Insert the demo homestays into an empty database at start (development and the demo). Off in production,
-    /// where homestays come from the business's own data.
-    #[serde(default = "default_seed_demo_homestays")]
+    /// Insert the demo homestays into an empty database at start (the demo and development ask for it). Off by
+    /// default: in production homestays come from the business's own data.
+    #[serde(default)]
     pub seed_demo_homestays: bool,
+    /// Also serve `/readyz` and `/metrics` on this public port. Off by default: they are on `admin.listen`, which
+    /// is not exposed (they tell a stranger about the dependencies and the traffic).
+    #[serde(default)]
+    pub public_ops_routes: bool,
+    /// Per-address and per-user rate limits (`[http.rate_limits]`, see `crate::limits`).
+    #[serde(default)]
+    pub rate_limits: crate::limits::RateLimits,
+    /// The header in which a proxy of yours puts the client's address (e.g. `X-Forwarded-For`; its last entry is
+    /// used). Unset: the peer's address; a header is never trusted unless named here.
+    #[serde(default)]
+    pub client_ip_header: Option<String>,
+    /// Unpaid orders one user may have open at once (0: no cap). Each holds a prepay at WeChat and a room.
+    #[serde(default = "default_max_unpaid_orders")]
+    pub max_unpaid_orders: u32,
+    /// Continue the trace of a caller's `traceparent` header (a gateway of your own in front). Off by default:
+    /// any caller could otherwise choose trace ids and force every one of its requests to be sampled.
+    #[serde(default)]
+    pub trust_traceparent: bool,
     /// Threads that hash passwords (argon2id, 19 MiB each, held for the life of the process); 0 = one per core.
     /// They bound both the CPU and the memory logins can take.
     #[serde(default)]
@@ -73,8 +91,9 @@ fn default_payment_deadline() -> Duration {
 fn default_status_grace() -> Duration {
     Duration::from_secs(10)
 }
-fn default_seed_demo_homestays() -> bool {
-    true
+
+fn default_max_unpaid_orders() -> u32 {
+    10
 }
 
 fn default_password_queue() -> usize {
@@ -124,7 +143,12 @@ impl IngressConfig {
             payment_deadline: default_payment_deadline(),
             status_grace: default_status_grace(),
             status_query_interval: default_status_query_interval(),
-            seed_demo_homestays: default_seed_demo_homestays(),
+            seed_demo_homestays: false,
+            public_ops_routes: false,
+            trust_traceparent: false,
+            rate_limits: Default::default(),
+            client_ip_header: None,
+            max_unpaid_orders: default_max_unpaid_orders(),
             password_hashers: 0,
             password_queue: default_password_queue(),
         }
@@ -165,6 +189,11 @@ impl IngressConfig {
         if self.payment_deadline < Duration::from_secs(60) || self.payment_deadline > Duration::from_secs(2 * 3600) {
             return Err("http.payment_deadline must be between 1 minute and 2 hours".into());
         }
+        if let Some(h) = &self.client_ip_header
+            && http::HeaderName::from_bytes(h.as_bytes()).is_err()
+        {
+            return Err(format!("http.client_ip_header must be a header name, got {h:?}"));
+        }
         if self.password_hashers > 64 {
             return Err("http.password_hashers must be at most 64 (each holds 19 MiB)".into());
         }
@@ -203,13 +232,14 @@ mod tests {
         assert_eq!(cfg.listen.port(), 8080);
         assert_eq!(cfg.payment_deadline, Duration::from_secs(1800));
         assert_eq!(cfg.body_limit_bytes, 65536);
-        assert!(cfg.seed_demo_homestays && cfg.jwt_previous_secrets.is_empty());
+        assert!(!cfg.seed_demo_homestays && cfg.jwt_previous_secrets.is_empty(), "no demo data unless asked");
+        assert!(!cfg.public_ops_routes && !cfg.trust_traceparent, "the public port shows nothing internal");
         let prod: IngressConfig = serde_json::from_value(serde_json::json!({
-            "jwt_secret": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822c", "seed_demo_homestays": false,
+            "jwt_secret": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822c", "seed_demo_homestays": true,
             "jwt_previous_secrets": ["short"]
         }))
         .unwrap();
-        assert!(!prod.seed_demo_homestays);
+        assert!(prod.seed_demo_homestays);
         assert_eq!(prod.validate().unwrap_err(), "http.jwt_previous_secrets must each be at least 32 bytes");
 
         let short = IngressConfig::new("short");

@@ -32,8 +32,9 @@ pub enum ApiError {
     NotFound(&'static str),
     #[error("{msg}")]
     Conflict { code: u32, msg: String },
-    #[error("too many attempts, try again in a few minutes")]
-    RateLimited,
+    /// A rate limit (see `crate::limits`); `retry_after` seconds until the next request would pass.
+    #[error("too many requests, try again in {retry_after} s")]
+    RateLimited { retry_after: u64 },
     /// Too many requests of this kind are already waiting (password hashing): try again in a second.
     #[error("too busy right now, try again in a moment")]
     Busy,
@@ -76,7 +77,7 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
-            ApiError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ApiError::Unavailable(_) | ApiError::Timeout | ApiError::Busy => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -99,7 +100,7 @@ impl ApiError {
             ApiError::Forbidden(_) => 40300,
             ApiError::NotFound(_) => 40400,
             ApiError::Conflict { code, .. } => *code,
-            ApiError::RateLimited => 42900,
+            ApiError::RateLimited { .. } => 42900,
             ApiError::Upstream { retryable: true, .. } => 50200,
             ApiError::Upstream { retryable: false, .. } => 50201,
             ApiError::Unavailable(_) => 50300,
@@ -112,7 +113,7 @@ impl ApiError {
     /// Seconds a client should wait before trying again, sent as `Retry-After`.
     pub fn retry_after(&self) -> Option<u64> {
         match self {
-            ApiError::RateLimited => Some(60),
+            ApiError::RateLimited { retry_after } => Some((*retry_after).max(1)),
             ApiError::Busy => Some(1),
             _ => None,
         }
@@ -137,6 +138,7 @@ pub mod conflict {
     pub const CHANGED_AT_WECHAT: u32 = 40905;
     pub const NOT_REFUNDABLE: u32 = 40906;
     pub const STAY_STARTED: u32 = 40907;
+    pub const TOO_MANY_UNPAID: u32 = 40908;
 }
 
 impl From<storage::StorageError> for ApiError {

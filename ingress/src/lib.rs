@@ -17,6 +17,7 @@ mod auth;
 mod callback;
 mod config;
 mod error;
+mod limits;
 mod metrics;
 mod openapi;
 mod passwords;
@@ -42,6 +43,7 @@ use tower_http::trace::TraceLayer;
 pub use auth::{Claims, TokenAnswer};
 pub use config::IngressConfig;
 pub use error::{ApiError, AuthProblem};
+pub use limits::{Limit, RateLimits};
 pub use seed::seed;
 
 /// Where WeChat posts payment callbacks (the path part of `wechat.notify_url`).
@@ -69,7 +71,7 @@ pub(crate) struct Inner {
     pub tokens: auth::Tokens,
     pub reader: wechat::NotificationReader,
     pub status_limiter: routes::payment::QueryLimiter,
-    pub login_throttle: routes::user::LoginThrottle,
+    pub limits: limits::Limiter,
     pub passwords: passwords::PasswordPool,
     pub cert_refresh: callback::CertRefresh,
 }
@@ -87,6 +89,20 @@ impl Inner {
     }
 }
 
+/// The client's address (see [`limits::client_ip`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClientIp(pub std::net::IpAddr);
+
+impl axum::extract::FromRequestParts<AppState> for ClientIp {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut http::request::Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let peer = parts.extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
+        let header = state.deps.config.client_ip_header.as_deref();
+        Ok(ClientIp(limits::client_ip(&parts.headers, peer, header)))
+    }
+}
+
 /// The whole API with its middleware: request ids (`X-Request-Id`, generated when absent, echoed), tracing, HTTP
 /// metrics per route template, JSON error bodies for every failure, the request timeout, the body limit and CORS.
 pub fn router(deps: Deps) -> Router {
@@ -95,7 +111,7 @@ pub fn router(deps: Deps) -> Router {
         tokens: auth::Tokens::new(&cfg.jwt_secret, &cfg.jwt_previous_secrets, cfg.jwt_ttl),
         reader: deps.pay.notification_reader(),
         status_limiter: routes::payment::QueryLimiter::new(cfg.status_query_interval),
-        login_throttle: routes::user::LoginThrottle::new(),
+        limits: limits::Limiter::new(&cfg.rate_limits),
         passwords: passwords::PasswordPool::new(cfg.password_hashers(), cfg.password_queue),
         cert_refresh: callback::CertRefresh::new(),
         deps,
@@ -114,16 +130,18 @@ pub fn router(deps: Deps) -> Router {
         .route("/payment/v1/thirdPayment/thirdPaymentWxPayStatus", post(routes::payment::status))
         .route(CALLBACK_PATH, post(callback::handle))
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/openapi.json", get(|| async { Json(openapi::document()) }))
+        .route("/openapi.json", get(|| async { Json(openapi::document()) }));
+    let api = if cfg.public_ops_routes { api.route("/readyz", get(readyz)) } else { api };
+    let api = api
         .fallback(|| async { error::error_body(StatusCode::NOT_FOUND, 40400, "no such endpoint") })
-        .with_state(state)
-        .merge(observability::metrics_router());
+        .with_state(state);
+    let api = if cfg.public_ops_routes { api.merge(observability::metrics_router()) } else { api };
+    let trust_traceparent = cfg.trust_traceparent;
 
     let request_id = HeaderName::from_static("x-request-id");
     let layers = ServiceBuilder::new()
         .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
-        .layer(TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
+        .layer(TraceLayer::new_for_http().make_span_with(move |req: &axum::http::Request<_>| {
             let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default();
             // The path only: bodies and headers carry tokens, mobiles and openids, and are never logged. The span
             // is named by route template (as the metrics are), so a scanner's paths cannot grow the set of names.
@@ -136,8 +154,9 @@ pub fn router(deps: Deps) -> Router {
                 request_id = %id,
                 trace_id = tracing::field::Empty,
             );
-            // A caller that sends `traceparent` (a gateway, the mini-program's own tracing) gets its trace continued.
-            let parent = req.headers().get("traceparent").and_then(|v| v.to_str().ok());
+            // A trusted gateway's `traceparent` is continued (`http.trust_traceparent`); a stranger's is ignored, so
+            // that no caller chooses our trace ids or makes us sample (and export) every one of its requests.
+            let parent = req.headers().get("traceparent").and_then(|v| v.to_str().ok()).filter(|_| trust_traceparent);
             observability::trace::continue_trace(&span, parent);
             span
         }))
@@ -179,7 +198,8 @@ pub async fn serve(deps: Deps, listener: tokio::net::TcpListener, shutdown: Canc
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "ingress listening");
     }
-    axum::serve(listener, router(deps)).with_graceful_shutdown(shutdown.cancelled_owned()).await
+    let app = router(deps).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
 }
 
 /// Ready when Postgres answers and the NATS connection is up with the `wechat.transaction` stream present:

@@ -42,6 +42,12 @@ pub enum Which {
     /// Open loop, end to end: signed callbacks at fixed rates → order paid → notifications delivered, on a system
     /// it starts itself (`make bench-e2e`).
     E2e(crate::bench_e2e::E2eArgs),
+    /// Prepay (two RSA-2048 signatures each) per CPU-second of the ingress, beside one thread's RSA-2048 signing
+    /// rate, on an ingress it starts itself (`make bench-prepay`).
+    Prepay(crate::bench_edge::PrepayArgs),
+    /// Callback ingest (verify, decrypt, publish, PubAck) beside RSA-2048 verification and JetStream publishing
+    /// with PubAck, on an ingress it starts itself (`make bench-ingest`).
+    Ingest(crate::bench_edge::IngestArgs),
 }
 
 pub async fn run(cfg: &Config, which: Which) -> anyhow::Result<()> {
@@ -51,6 +57,8 @@ pub async fn run(cfg: &Config, which: Which) -> anyhow::Result<()> {
             crate::bench_pipeline::run(cfg, users, concurrency.max(1), &api, &sandbox).await
         }
         Which::E2e(args) => crate::bench_e2e::run(cfg, args).await,
+        Which::Prepay(args) => crate::bench_edge::prepay(cfg, args).await,
+        Which::Ingest(args) => crate::bench_edge::ingest(cfg, args).await,
     }
 }
 

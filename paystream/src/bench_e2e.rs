@@ -24,9 +24,11 @@
 //!
 //! The system: the WeChat sandbox and paystream (one process per role with `--roles split`, or `paystream all`)
 //! run as child processes of this binary, on a database and a NATS prefix of their own on the configured servers;
-//! they are stopped and removed at the end, on failure too. `--fsync on|both` switches PostgreSQL's durability
-//! with `ALTER SYSTEM` (and restores it afterwards), which works only when the server does not take those
-//! settings from its command line.
+//! they are stopped and removed at the end, on failure too. `--roles-bin PATH` runs the roles and the migrations
+//! with another paystream binary (an older build, for a baseline measured by this same benchmark); the sandbox and
+//! the load stay this one. `--fsync on|both` switches PostgreSQL's durability (fsync, synchronous_commit,
+//! full_page_writes) with `ALTER SYSTEM` and a reload, and restores it afterwards, which works only when the server
+//! does not take those settings from its command line (scripts/infra.sh keeps them in postgresql.conf).
 
 use std::collections::HashMap;
 use std::io::{BufRead as _, BufReader};
@@ -82,11 +84,11 @@ const TARGET_P99_MS: f64 = 50.0;
 /// …and at least this share of the offered rate achieved.
 const TARGET_ACHIEVED: f64 = 0.99;
 /// WeChat waits this long for an answer to a callback.
-const CALLBACK_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const CALLBACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// A signature older than this when sent would be refused (WeChat's limit is 300 s): a margin for clock reads.
-const MAX_SIGNATURE_AGE_SECS: i64 = 290;
+pub(crate) const MAX_SIGNATURE_AGE_SECS: i64 = 290;
 
-fn duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn duration(s: &str) -> Result<Duration, String> {
     humantime_serde::re::humantime::parse_duration(s).map_err(|e| e.to_string())
 }
 
@@ -119,6 +121,11 @@ pub struct E2eArgs {
     /// PostgreSQL's postmaster pid, for its CPU (default: the first line of `.run/pg/data/postmaster.pid`).
     #[arg(long)]
     pg_pid: Option<u32>,
+    /// The paystream binary that runs the roles and the migrations (`PATH migrate`), e.g. an older build for a
+    /// baseline; the sandbox and the benchmark itself stay this binary. Its configuration uses only keys that
+    /// every version since 33f7810 knows.
+    #[arg(long, value_name = "PATH")]
+    roles_bin: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -137,22 +144,30 @@ enum Roles {
 pub async fn run(cfg: &Config, args: E2eArgs) -> anyhow::Result<()> {
     ensure!(!args.rates.is_empty() && args.rates.iter().all(|r| *r > 0), "--rates needs rates above 0");
     ensure!(!args.duration.is_zero(), "--duration must be above 0");
+    guarded("bench e2e", async |cleanup| bench(cfg, &args, cleanup).await).await
+}
+
+/// Runs a benchmark that starts processes and makes databases and streams: interrupted (Ctrl-C, SIGTERM) or
+/// failed, it still stops its processes and removes what it made; the processes' logs are kept when it failed.
+pub(crate) async fn guarded(
+    what: &str,
+    body: impl AsyncFnOnce(&mut Cleanup) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     let mut cleanup = Cleanup::default();
-    // Interrupted, it still stops its processes and removes what it made.
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let result = tokio::select! {
-        r = bench(cfg, &args, &mut cleanup) => r,
+        r = body(&mut cleanup) => r,
         _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
         _ = terminate.recv() => Err(anyhow!("terminated")),
     };
     let released = cleanup.finish().await;
     if let Err(e) = &released {
-        eprintln!("bench e2e: cleaning up: {e:#}");
+        eprintln!("{what}: cleaning up: {e:#}");
     }
     if result.is_err()
         && let Some(dir) = &cleanup.dir
     {
-        eprintln!("bench e2e: the processes' logs are kept in {}", dir.display());
+        eprintln!("{what}: the processes' logs are kept in {}", dir.display());
     } else if let Some(dir) = cleanup.dir.take() {
         let _ = std::fs::remove_dir_all(dir);
     }
@@ -174,10 +189,12 @@ struct Ctx<'a> {
     clock: Clock,
     clk_tck: f64,
     cores: usize,
+    /// Preparations so far: each makes users of its own (a WeChat login code is good once, and a rate may run
+    /// again in another durability mode).
+    rounds: std::sync::atomic::AtomicUsize,
 }
 
 async fn bench(cfg: &Config, args: &E2eArgs, cleanup: &mut Cleanup) -> anyhow::Result<()> {
-    use storage::RunQueryDsl as _;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let clk_tck = clock_ticks();
     let modes: Vec<bool> = match args.fsync {
@@ -186,36 +203,35 @@ async fn bench(cfg: &Config, args: &E2eArgs, cleanup: &mut Cleanup) -> anyhow::R
         Fsync::Both => vec![false, true],
     };
 
-    // A database and a subject prefix of our own on the configured servers.
+    // Fails before anything starts if the server cannot be put in the modes asked for.
     let admin = admin_database(&cfg.database).await?;
     for on in &modes {
         durability_settable(&admin, *on).await?;
     }
-    let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
-    let db_name = format!("bench_e2e_{tag}");
-    {
-        let mut conn = storage::connect(&admin).await?;
-        diesel::sql_query(format!("CREATE DATABASE {db_name}")).execute(&mut conn).await?;
-    }
-    cleanup.admin = Some(admin.clone());
-    cleanup.database = Some(db_name.clone());
-    let db = with_database(&cfg.database, &db_name)?;
-    storage::migrate(&db).await.context("migrating the benchmark's database")?;
-    let mut nats = cfg.nats.clone();
-    nats.prefix = format!("bench-e2e-{tag}");
-    cleanup.nats = Some(nats.clone());
-
-    let dir = std::env::temp_dir().join(format!("paystream-bench-e2e-{tag}"));
-    std::fs::create_dir_all(&dir)?;
-    cleanup.dir = Some(dir.clone());
     let most = args.rates.iter().map(|r| payments_at(*r, args)).max().unwrap_or(0);
-    let system = System::start(args.roles, &dir, &db, &nats, most, cleanup).await?;
+    let roles: Vec<(&str, &[&str])> = match args.roles {
+        Roles::Split => vec![
+            ("ingress", &["ingress"]),
+            ("payment", &["processor", "payment"]),
+            ("order", &["processor", "order"]),
+            ("lifecycle", &["processor", "lifecycle"]),
+            ("notifier", &["notifier"]),
+        ],
+        Roles::All => vec![("all", &["all"])],
+    };
+    let bed = Bed::start(
+        cfg,
+        &BedSpec { name: "e2e", roles_bin: args.roles_bin.as_deref(), roles: &roles, config: NOTIFIER, records: most },
+        cleanup,
+    )
+    .await?;
+    let Bed { admin, db, db_name, nats, tag, system } = bed;
 
     let (client, js) = bus::connect(&nats).await?;
     let observer = Observer::start(&client, &nats.prefix).await?;
     let homestay = first_homestay(&db).await?;
     let identity = sandbox::Identity::load(&system.sandbox_dir).context("loading the sandbox's identity")?;
-    let procs = measured_processes(args, &system, &db_name);
+    let procs = measured_processes(&system, &db_name, args.nats_pid, args.pg_pid);
     let ctx = Ctx {
         args,
         api: Arc::new(Api::new(&system.api)?),
@@ -229,6 +245,7 @@ async fn bench(cfg: &Config, args: &E2eArgs, cleanup: &mut Cleanup) -> anyhow::R
         clock: Clock::now(),
         clk_tck,
         cores,
+        rounds: Default::default(),
         system,
     };
 
@@ -247,6 +264,7 @@ async fn bench(cfg: &Config, args: &E2eArgs, cleanup: &mut Cleanup) -> anyhow::R
         },
     );
     println!("  PostgreSQL {pg_host}, database {db_name}; NATS {}, prefix {}", nats.url, nats.prefix);
+    println!("  roles run by {}", ctx.system.roles_bin);
     println!(
         "  processes: {}",
         ctx.procs.iter().map(|p| format!("{} {}", p.name, p.describe())).collect::<Vec<_>>().join(", ")
@@ -263,9 +281,18 @@ async fn bench(cfg: &Config, args: &E2eArgs, cleanup: &mut Cleanup) -> anyhow::R
     for on in modes {
         let how = if set_durability(&admin, on, cleanup).await? { "set with ALTER SYSTEM" } else { "as the server is" };
         let mode = if on { "fsync=on" } else { "fsync=off" };
+        // Each mode starts from a clean checkpoint: otherwise the first minutes of fsync=on pay for what the fsync=off
+        // runs left dirty (a checkpoint forced by their WAL, writing and syncing all of it during the first window).
+        let checkpoint = checkpoint(&admin).await;
         let pg = pg_reference(&ctx.db, 8, Duration::from_secs(3)).await?;
         println!();
-        println!("PostgreSQL {mode}, synchronous_commit={} ({how})", wanted(on));
+        println!("PostgreSQL {mode}, synchronous_commit={0}, full_page_writes={0} ({how})", wanted(on));
+        match checkpoint {
+            Ok(took) => println!("  CHECKPOINT before this mode's runs: {:.1} s", took.as_secs_f64()),
+            Err(e) => {
+                println!("  no CHECKPOINT before this mode's runs ({e:#}): its first window may pay for the last")
+            }
+        }
         println!("  reference, raw PostgreSQL conditional UPDATE + INSERT per transaction, 8 clients: {pg:.0} tx/s");
         let mut results = Vec::new();
         for rate in &args.rates {
@@ -273,6 +300,8 @@ async fn bench(cfg: &Config, args: &E2eArgs, cleanup: &mut Cleanup) -> anyhow::R
             r.print(&ctx, pg, &jetstream);
             results.push(r);
         }
+        // Back to the server's own settings as soon as this mode is measured.
+        restore_durability(&admin, cleanup).await?;
         reports.push((mode, pg, results));
     }
 
@@ -280,9 +309,9 @@ async fn bench(cfg: &Config, args: &E2eArgs, cleanup: &mut Cleanup) -> anyhow::R
     for (mode, pg, results) in &reports {
         print_summary(mode, *pg, results);
     }
-    // One line per mode, the first mode's (the default, off) last, in the exact form scripts read.
-    for (i, (mode, _, results)) in reports.iter().enumerate().rev() {
-        let prefix = if i == 0 { "bench e2e".to_owned() } else { format!("bench e2e ({mode})") };
+    // One line per mode, fsync=on's above, fsync=off's (the default) last, in the exact form scripts read.
+    for (mode, _, results) in reports.iter().rev() {
+        let prefix = if *mode == "fsync=off" { "bench e2e".to_owned() } else { format!("bench e2e ({mode})") };
         println!("{}", headline(&prefix, results));
     }
     drop(client);
@@ -299,9 +328,9 @@ fn payments_at(rate: u32, args: &E2eArgs) -> usize {
 // One offered rate.
 
 /// A prepared payment: its order and WeChat's callback for its payment.
-struct Prepared {
-    order_sn: String,
-    body: Vec<u8>,
+pub(crate) struct Prepared {
+    pub(crate) order_sn: String,
+    pub(crate) body: Vec<u8>,
 }
 
 /// One callback as sent.
@@ -747,19 +776,24 @@ impl Quantiles {
 // ---------------------------------------------------------------------------------------------------------------
 // (a) Preparing payments through the API.
 
-struct Api {
-    http: reqwest::Client,
+pub(crate) struct Api {
+    pub(crate) http: reqwest::Client,
     base: String,
 }
 
 impl Api {
-    fn new(base: &str) -> anyhow::Result<Self> {
+    pub(crate) fn new(base: &str) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).no_proxy().build()?;
         Ok(Api { http, base: base.to_owned() })
     }
 
+    /// The API's base URL.
+    pub(crate) fn base(&self) -> &str {
+        &self.base
+    }
+
     /// One API call (`{"code":200,"data":…}`), tried up to three times on transport errors and 5xx answers.
-    async fn call(&self, path: &str, token: Option<&str>, body: Value) -> anyhow::Result<Value> {
+    pub(crate) async fn call(&self, path: &str, token: Option<&str>, body: Value) -> anyhow::Result<Value> {
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -792,10 +826,11 @@ impl Api {
 /// N payments: a user per [`ORDERS_PER_USER`] orders, each order booked and prepaid; returns (order sn, pay sn).
 async fn prepare(ctx: &Ctx<'_>, rate: u32, n: usize) -> anyhow::Result<Vec<(String, String)>> {
     let users = n.div_ceil(ORDERS_PER_USER);
+    let round = ctx.rounds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut done = futures::stream::iter(0..users)
         .map(|u| {
             let count = ORDERS_PER_USER.min(n - u * ORDERS_PER_USER);
-            let code = format!("bench-{}-{rate}-{u}:1", ctx.tag);
+            let code = format!("bench-{}-{round}-{rate}-{u}:1", ctx.tag);
             let (api, homestay) = (ctx.api.clone(), ctx.homestay);
             async move { prepare_user(&api, homestay, &code, count).await }
         })
@@ -813,21 +848,31 @@ async fn prepare(ctx: &Ctx<'_>, rate: u32, n: usize) -> anyhow::Result<Vec<(Stri
     Ok(walks)
 }
 
-async fn prepare_user(api: &Api, homestay: i64, code: &str, count: usize) -> anyhow::Result<Vec<(String, String)>> {
+/// Logs a mini-program user in with a WeChat code (the sandbox's `USER:1` codes); returns the access token.
+pub(crate) async fn login(api: &Api, code: &str) -> anyhow::Result<String> {
     let login = api.call("/usercenter/v1/user/wxMiniAuth", None, json!({ "code": code })).await?;
-    let token = login["accessToken"].as_str().context("wxMiniAuth: no accessToken")?.to_owned();
+    Ok(login["accessToken"].as_str().context("wxMiniAuth: no accessToken")?.to_owned())
+}
+
+/// Books one night a week from now; returns the order's sn.
+pub(crate) async fn book(api: &Api, token: &str, homestay: i64) -> anyhow::Result<String> {
     let start = Utc::now().timestamp() / 86_400 * 86_400 + 7 * 86_400;
+    let order = api
+        .call(
+            "/order/v1/homestayOrder/createHomestayOrder",
+            Some(token),
+            json!({ "homestayId": homestay, "isFood": false, "liveStartTime": start,
+                    "liveEndTime": start + 86_400, "livePeopleNum": 1, "remark": "" }),
+        )
+        .await?;
+    Ok(order["orderSn"].as_str().context("createHomestayOrder: no orderSn")?.to_owned())
+}
+
+async fn prepare_user(api: &Api, homestay: i64, code: &str, count: usize) -> anyhow::Result<Vec<(String, String)>> {
+    let token = login(api, code).await?;
     let mut walks = Vec::with_capacity(count);
     for _ in 0..count {
-        let order = api
-            .call(
-                "/order/v1/homestayOrder/createHomestayOrder",
-                Some(&token),
-                json!({ "homestayId": homestay, "isFood": false, "liveStartTime": start,
-                        "liveEndTime": start + 86_400, "livePeopleNum": 1, "remark": "" }),
-            )
-            .await?;
-        let sn = order["orderSn"].as_str().context("createHomestayOrder: no orderSn")?.to_owned();
+        let sn = book(api, &token, homestay).await?;
         api.call(
             "/payment/v1/thirdPayment/thirdPaymentWxPay",
             Some(&token),
@@ -873,7 +918,7 @@ async fn payment_details(db: &DbConfig, pay_sns: &[String]) -> anyhow::Result<Ha
 
 /// Signs every callback on `threads` threads (interleaved, so signatures age in sending order); returns the
 /// payments with, per payment, its headers and their timestamp.
-async fn sign_all(
+pub(crate) async fn sign_all(
     signer: Arc<sandbox::CallbackSigner>,
     payments: Vec<Prepared>,
     threads: usize,
@@ -1110,51 +1155,133 @@ impl Clock {
 // ---------------------------------------------------------------------------------------------------------------
 // The system under test, as child processes.
 
-struct System {
+pub(crate) struct System {
     /// paystream's HTTP API.
-    api: String,
-    callback_url: String,
+    pub(crate) api: String,
+    pub(crate) callback_url: String,
     /// The WeChat sandbox.
-    sandbox: String,
-    sandbox_dir: PathBuf,
-    sandbox_pid: u32,
+    pub(crate) sandbox: String,
+    pub(crate) sandbox_dir: PathBuf,
+    pub(crate) sandbox_pid: u32,
     /// (role, pid)
-    roles: Vec<(String, u32)>,
+    pub(crate) roles: Vec<(String, u32)>,
+    /// The binary that runs the roles, with its `--version`.
+    pub(crate) roles_bin: String,
 }
 
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// This binary, without the PAYSTREAM* environment of the benchmark itself (each child gets its own).
-fn paystream() -> anyhow::Result<Command> {
-    let mut c = Command::new(std::env::current_exe().context("finding this binary")?);
+/// `bin`, without the PAYSTREAM* environment of the benchmark itself (each child gets its own).
+fn command(bin: &Path) -> Command {
+    let mut c = Command::new(bin);
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("PAYSTREAM") {
             c.env_remove(k);
         }
     }
     c.stdin(Stdio::null());
-    Ok(c)
+    c
+}
+
+/// This binary (the sandbox, and the roles unless `--roles-bin` names another).
+fn this_binary() -> anyhow::Result<PathBuf> {
+    std::env::current_exe().context("finding this binary")
+}
+
+/// What a benchmark runs: its name (in the database, prefix and directory names), the paystream roles as (name,
+/// command words), the binary that runs them and the migrations (None: this one), configuration added to the
+/// sandbox's, and how many records the sandbox keeps.
+pub(crate) struct BedSpec<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) roles_bin: Option<&'a Path>,
+    pub(crate) roles: &'a [(&'a str, &'a [&'a str])],
+    pub(crate) config: &'a str,
+    pub(crate) records: usize,
+}
+
+/// A database and a NATS prefix of a benchmark's own on the configured servers, migrated, with the WeChat sandbox
+/// and the roles running as children; the [`Cleanup`] stops and removes all of it.
+pub(crate) struct Bed {
+    /// A database on the same server to create and drop databases from.
+    pub(crate) admin: DbConfig,
+    pub(crate) db: DbConfig,
+    pub(crate) db_name: String,
+    pub(crate) nats: bus::NatsConfig,
+    pub(crate) tag: String,
+    pub(crate) system: System,
+}
+
+impl Bed {
+    pub(crate) async fn start(cfg: &Config, spec: &BedSpec<'_>, cleanup: &mut Cleanup) -> anyhow::Result<Bed> {
+        use storage::RunQueryDsl as _;
+        let roles_bin = match spec.roles_bin {
+            Some(bin) => {
+                ensure!(bin.is_file(), "--roles-bin {}: no such file", bin.display());
+                bin.to_path_buf()
+            }
+            None => this_binary()?,
+        };
+        let admin = admin_database(&cfg.database).await?;
+        let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+        let db_name = format!("bench_{}_{tag}", spec.name);
+        {
+            let mut conn = storage::connect(&admin).await?;
+            diesel::sql_query(format!("CREATE DATABASE {db_name}")).execute(&mut conn).await?;
+        }
+        cleanup.admin = Some(admin.clone());
+        cleanup.database = Some(db_name.clone());
+        let db = with_database(&cfg.database, &db_name)?;
+        let mut nats = cfg.nats.clone();
+        nats.prefix = format!("bench-{}-{tag}", spec.name);
+        cleanup.nats = Some(nats.clone());
+        let dir = std::env::temp_dir().join(format!("paystream-bench-{}-{tag}", spec.name));
+        std::fs::create_dir_all(&dir)?;
+        cleanup.dir = Some(dir.clone());
+
+        if spec.roles_bin.is_some() {
+            let status = command(&roles_bin)
+                .arg("migrate")
+                .current_dir(&dir)
+                .env("PAYSTREAM__DATABASE__URL", db.url.expose_secret())
+                .env("PAYSTREAM__TELEMETRY__LOG_FILTER", "warn")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.join("migrate.log"))?)
+                .status()
+                .with_context(|| format!("running {} migrate", roles_bin.display()))?;
+            ensure!(
+                status.success(),
+                "{} migrate failed ({status}); see {}/migrate.log",
+                roles_bin.display(),
+                dir.display()
+            );
+        } else {
+            storage::migrate(&db).await.context("migrating the benchmark's database")?;
+        }
+        let system = System::start(spec, &roles_bin, &dir, &db, &nats, cleanup).await?;
+        Ok(Bed { admin, db, db_name, nats, tag, system })
+    }
 }
 
 impl System {
     async fn start(
-        roles: Roles,
+        spec: &BedSpec<'_>,
+        roles_bin: &Path,
         dir: &Path,
         db: &DbConfig,
         nats: &bus::NatsConfig,
-        most_payments: usize,
         cleanup: &mut Cleanup,
     ) -> anyhow::Result<System> {
         let http_port = free_port()?;
         let api = format!("http://127.0.0.1:{http_port}");
         let callback_url = format!("{api}/payment/v1/thirdPayment/thirdPaymentWxPayCallback");
         let log = |name: &str| std::fs::File::create(dir.join(format!("{name}.log")));
+        let this = this_binary()?;
 
-        // WeChat: keeps every message of the largest rate (two per payment) between two looks.
+        // WeChat: keeps every message of the largest run (two per payment) between two looks.
         let sandbox_dir = dir.join("sandbox");
-        let status = paystream()?
+        let status = command(&this)
             .args(["sandbox", "init", "--dir"])
             .arg(&sandbox_dir)
             .args(["--notify-url", &callback_url])
@@ -1162,8 +1289,8 @@ impl System {
             .stderr(log("sandbox-init")?)
             .status()?;
         ensure!(status.success(), "paystream sandbox init failed: {status}");
-        let max_records = (most_payments * 5 / 2 + 10_000).max(100_000);
-        let mut child = paystream()?
+        let max_records = (spec.records * 5 / 2 + 10_000).max(100_000);
+        let mut child = command(&this)
             .args(["sandbox", "--listen", "127.0.0.1:0", "--max-records", &max_records.to_string(), "--dir"])
             .arg(&sandbox_dir)
             .stdout(Stdio::piped())
@@ -1180,28 +1307,19 @@ impl System {
         let sandbox = first.trim().rsplit(' ').next().filter(|u| u.starts_with("http")).map(str::to_owned);
         let sandbox = sandbox.with_context(|| format!("the sandbox did not start (see {})", dir.display()))?;
 
-        // paystream: the sandbox's configuration, the notifier, and our database, NATS prefix and ports.
+        // paystream: the sandbox's configuration (its [wechat] and [sms] sections, which every version reads), the
+        // benchmark's own, and our database, NATS prefix and ports from the environment.
         let config = dir.join("bench.toml");
         let sandbox_toml = std::fs::read_to_string(sandbox_dir.join(sandbox::CONFIG_FILE))?;
-        std::fs::write(&config, format!("{sandbox_toml}\n{NOTIFIER}"))?;
+        std::fs::write(&config, format!("{sandbox_toml}\n{}", spec.config))?;
         let jwt = format!("bench-{}", uuid::Uuid::new_v4().simple());
-        let commands: Vec<(&str, Vec<&str>)> = match roles {
-            Roles::Split => vec![
-                ("ingress", vec!["ingress"]),
-                ("payment", vec!["processor", "payment"]),
-                ("order", vec!["processor", "order"]),
-                ("lifecycle", vec!["processor", "lifecycle"]),
-                ("notifier", vec!["notifier"]),
-            ],
-            Roles::All => vec![("all", vec!["all"])],
-        };
         let mut started = Vec::new();
-        for (name, words) in commands {
+        for (name, words) in spec.roles {
             let admin_port = free_port()?;
-            let mut c = paystream()?;
+            let mut c = command(roles_bin);
             c.arg("--config")
                 .arg(&config)
-                .args(&words)
+                .args(*words)
                 .env("PAYSTREAM__DATABASE__URL", db.url.expose_secret())
                 .env("PAYSTREAM__NATS__URL", &nats.url)
                 .env("PAYSTREAM__NATS__PREFIX", &nats.prefix)
@@ -1209,13 +1327,21 @@ impl System {
                 .env("PAYSTREAM__TELEMETRY__LOG_FILTER", "warn")
                 .stdout(Stdio::null())
                 .stderr(log(name)?);
-            if matches!(name, "ingress" | "all") {
+            if matches!(*name, "ingress" | "all") {
                 c.env("PAYSTREAM__HTTP__LISTEN", format!("127.0.0.1:{http_port}"))
                     .env("PAYSTREAM__HTTP__JWT_SECRET", &jwt);
+                if spec.roles_bin.is_none() {
+                    // The benchmark books the demo homestays and drives thousands of users from one address: demo
+                    // data on, rate limits and the unpaid-order cap off (keys an older --roles-bin would refuse; it
+                    // had neither and seeded by default).
+                    c.env("PAYSTREAM__HTTP__SEED_DEMO_HOMESTAYS", "true")
+                        .env("PAYSTREAM__HTTP__RATE_LIMITS__ENABLED", "false")
+                        .env("PAYSTREAM__HTTP__MAX_UNPAID_ORDERS", "0");
+                }
             }
             let child = c.spawn().with_context(|| format!("starting paystream {}", words.join(" ")))?;
-            started.push((name.to_owned(), child.id(), admin_port));
-            cleanup.children.push((name.to_owned(), child));
+            started.push((name.to_string(), child.id(), admin_port));
+            cleanup.children.push((name.to_string(), child));
         }
         let http = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(2)).build()?;
         for (name, _, admin_port) in &started {
@@ -1233,6 +1359,12 @@ impl System {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+        let version = command(roles_bin)
+            .arg("--version")
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+        let roles_bin = format!("{} ({})", roles_bin.display(), version.unwrap_or_default());
         Ok(System {
             api,
             callback_url,
@@ -1240,11 +1372,12 @@ impl System {
             sandbox_dir,
             sandbox_pid,
             roles: started.into_iter().map(|(name, pid, _)| (name, pid)).collect(),
+            roles_bin,
         })
     }
 }
 
-async fn first_homestay(db: &DbConfig) -> anyhow::Result<i64> {
+pub(crate) async fn first_homestay(db: &DbConfig) -> anyhow::Result<i64> {
     use diesel::prelude::*;
     use storage::RunQueryDsl;
     use storage::schema::homestay as h;
@@ -1261,7 +1394,7 @@ async fn first_homestay(db: &DbConfig) -> anyhow::Result<i64> {
 /// What a run leaves behind, released at the end (and, if the run unwinds, on drop): the children are stopped
 /// (SIGTERM, then SIGKILL after 10 s), the NATS streams and the database dropped, PostgreSQL's settings restored.
 #[derive(Default)]
-struct Cleanup {
+pub(crate) struct Cleanup {
     children: Vec<(String, Child)>,
     admin: Option<DbConfig>,
     database: Option<String>,
@@ -1396,7 +1529,8 @@ async fn durability_settings(admin: &DbConfig) -> anyhow::Result<Vec<SettingRow>
     use storage::RunQueryDsl as _;
     let mut conn = storage::connect(admin).await?;
     Ok(diesel::sql_query(
-        "SELECT name, setting, source, sourcefile FROM pg_settings WHERE name IN ('fsync', 'synchronous_commit')",
+        "SELECT name, setting, source, sourcefile FROM pg_settings \
+         WHERE name IN ('fsync', 'synchronous_commit', 'full_page_writes')",
     )
     .load(&mut conn)
     .await?)
@@ -1413,8 +1547,8 @@ async fn durability_settable(admin: &DbConfig, on: bool) -> anyhow::Result<()> {
         if s.setting != wanted(on) && !matches!(s.source.as_str(), "default" | "configuration file") {
             bail!(
                 "PostgreSQL takes {} = {} from its {}, which ALTER SYSTEM cannot override, so --fsync {} cannot be \
-                 measured on this server: start it with the setting in postgresql.conf instead (scripts/infra.sh \
-                 passes -c fsync=off -c synchronous_commit=off), or run with --fsync {}",
+                 measured on this server: start it with the setting in postgresql.conf instead (`scripts/infra.sh \
+                 up` moves a cluster it started with -c fsync=off & co. there), or run with --fsync {}",
                 s.name,
                 s.setting,
                 s.source,
@@ -1426,8 +1560,9 @@ async fn durability_settable(admin: &DbConfig, on: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Puts fsync and synchronous_commit to `on` (or off) with ALTER SYSTEM and a reload, unless they already are;
-/// remembers how to put them back. Whether it changed anything.
+/// Puts fsync, synchronous_commit and full_page_writes to `on` (or off) with ALTER SYSTEM and a reload, unless they
+/// already are; remembers how to put them back ([`restore_durability`], else the [`Cleanup`]). Whether it changed
+/// anything.
 async fn set_durability(admin: &DbConfig, on: bool, cleanup: &mut Cleanup) -> anyhow::Result<bool> {
     use storage::RunQueryDsl as _;
     let current = durability_settings(admin).await?;
@@ -1455,6 +1590,31 @@ async fn set_durability(admin: &DbConfig, on: bool, cleanup: &mut Cleanup) -> an
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(true)
+}
+
+/// A CHECKPOINT (superusers and pg_checkpointer only); how long it took.
+async fn checkpoint(admin: &DbConfig) -> anyhow::Result<Duration> {
+    use storage::RunQueryDsl as _;
+    let mut conn = storage::connect(admin).await?;
+    let started = Instant::now();
+    diesel::sql_query("CHECKPOINT").execute(&mut conn).await?;
+    Ok(started.elapsed())
+}
+
+/// Puts back what [`set_durability`] changed (ALTER SYSTEM RESET, or the value ALTER SYSTEM had set before) and
+/// reloads.
+async fn restore_durability(admin: &DbConfig, cleanup: &mut Cleanup) -> anyhow::Result<()> {
+    use storage::RunQueryDsl as _;
+    if cleanup.restore.is_empty() {
+        return Ok(());
+    }
+    let mut conn = storage::connect(admin).await?;
+    for (_, statement) in &cleanup.restore {
+        diesel::sql_query(statement.as_str()).execute(&mut conn).await?;
+    }
+    diesel::sql_query("SELECT pg_reload_conf()").execute(&mut conn).await?;
+    cleanup.restore.clear();
+    Ok(())
 }
 
 /// Transactions of the pipeline's shape, as fast as `clients` connections can run them for `run`: a conditional
@@ -1530,7 +1690,7 @@ async fn jetstream_reference(
 // Processes: CPU and memory from /proc.
 
 #[derive(Debug, Clone)]
-enum Source {
+pub(crate) enum Source {
     Pid(u32),
     /// The postmaster and its live children, but for client backends of other databases. What exited children
     /// used (the postmaster's cutime) is left out: on a shared server it is mostly other clients' backends.
@@ -1542,15 +1702,15 @@ enum Source {
 }
 
 #[derive(Debug, Clone)]
-struct Measured {
-    name: String,
-    source: Source,
+pub(crate) struct Measured {
+    pub(crate) name: String,
+    pub(crate) source: Source,
     /// A paystream role or the sandbox: its memory is reported.
     ours: bool,
 }
 
 impl Measured {
-    fn cpu_ticks(&self) -> Option<u64> {
+    pub(crate) fn cpu_ticks(&self) -> Option<u64> {
         match &self.source {
             Source::Pid(pid) => stat(*pid).map(|s| s.utime + s.stime),
             Source::Postgres { postmaster, database } => {
@@ -1571,7 +1731,7 @@ impl Measured {
         }
     }
 
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match &self.source {
             Source::Pid(pid) => format!("pid {pid}"),
             Source::Postgres { postmaster, .. } => format!("postmaster pid {postmaster}"),
@@ -1609,7 +1769,7 @@ fn postgres_child_counts(pid: u32, database: &str) -> bool {
 }
 
 /// A `kB` line of `/proc/<pid>/status` in MiB.
-fn status_mib(pid: u32, key: &str) -> Option<f64> {
+pub(crate) fn status_mib(pid: u32, key: &str) -> Option<f64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = text.lines().find(|l| l.starts_with(key) && l[key.len()..].starts_with(':'))?;
     let kib: f64 = line[key.len() + 1..].trim().trim_end_matches("kB").trim().parse().ok()?;
@@ -1628,25 +1788,31 @@ fn rss_line(ctx: &Ctx<'_>, key: &str) -> String {
         .join(", ")
 }
 
-fn mib(v: f64) -> String {
+pub(crate) fn mib(v: f64) -> String {
     format!("{v:.1} MiB")
 }
 
-/// The processes whose CPU is counted: each paystream role, the sandbox, nats-server, PostgreSQL and this one.
-fn measured_processes(args: &E2eArgs, system: &System, database: &str) -> Vec<Measured> {
+/// The processes whose CPU is counted: each paystream role, the sandbox, nats-server, PostgreSQL (the postmaster,
+/// given or from `.run/`) and this one.
+pub(crate) fn measured_processes(
+    system: &System,
+    database: &str,
+    nats_pid: Option<u32>,
+    pg_pid: Option<u32>,
+) -> Vec<Measured> {
     let mut procs: Vec<Measured> = system
         .roles
         .iter()
         .map(|(name, pid)| Measured { name: name.clone(), source: Source::Pid(*pid), ours: true })
         .collect();
     procs.push(Measured { name: "sandbox".into(), source: Source::Pid(system.sandbox_pid), ours: true });
-    let nats = match args.nats_pid.map(Ok).unwrap_or_else(|| pid_file(".run/nats.pid")) {
+    let nats = match nats_pid.map(Ok).unwrap_or_else(|| pid_file(".run/nats.pid")) {
         Ok(pid) if comm(pid).is_some_and(|c| c.contains("nats")) => Source::Pid(pid),
         Ok(pid) => Source::Missing(format!("pid {pid} is not a running nats-server")),
         Err(why) => Source::Missing(why),
     };
     procs.push(Measured { name: "nats-server".into(), source: nats, ours: false });
-    let pg = match args.pg_pid.map(Ok).unwrap_or_else(|| pid_file(".run/pg/data/postmaster.pid")) {
+    let pg = match pg_pid.map(Ok).unwrap_or_else(|| pid_file(".run/pg/data/postmaster.pid")) {
         Ok(pid) if comm(pid).is_some_and(|c| c.contains("postgres")) => {
             Source::Postgres { postmaster: pid, database: database.to_owned() }
         }
@@ -1672,7 +1838,7 @@ fn pid_file(relative: &str) -> Result<u32, String> {
 }
 
 /// Clock ticks per second of /proc's CPU times (`getconf CLK_TCK`; 100 on Linux when getconf is missing).
-fn clock_ticks() -> f64 {
+pub(crate) fn clock_ticks() -> f64 {
     Command::new("getconf")
         .arg("CLK_TCK")
         .output()

@@ -277,10 +277,8 @@ mod tests {
         // Its token key is a placeholder, refused by name until a real one is set (in the environment, ideally).
         let e = Config::from_toml(example).unwrap_err().to_string();
         assert!(e.contains("http.jwt_secret is a placeholder"), "{e}");
-        let example = example.replace(
-            "set-me-in-the-environment-at-least-32-bytes",
-            "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822c",
-        );
+        let example = example
+            .replace("set-me-in-the-environment-at-least-32-bytes", "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822c");
         let cfg = Config::from_toml(&example).unwrap_or_else(|e| panic!("paystream.example.toml: {e}"));
         assert!(
             cfg.wechat.is_some() && cfg.sms.is_some() && cfg.http.is_some() && cfg.notifier.is_some(),

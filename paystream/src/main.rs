@@ -3,6 +3,7 @@
 mod admin;
 mod bench;
 mod bench_e2e;
+mod bench_edge;
 mod bench_pipeline;
 mod config;
 mod demo;

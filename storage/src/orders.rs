@@ -139,6 +139,16 @@ pub async fn list_for_user(
     Ok(q.order(o::id.desc()).limit(limit).select(OrderRow::as_select()).load(conn).await?)
 }
 
+/// How many orders of `user` wait for payment.
+pub async fn count_unpaid(conn: &mut Conn, user: UserId) -> Result<i64> {
+    Ok(o::table
+        .filter(o::user_id.eq(user.0))
+        .filter(o::trade_state.eq(TradeState::WaitPay.code()))
+        .count()
+        .get_result(conn)
+        .await?)
+}
+
 /// Unpaid orders whose deadline has passed, oldest deadline first (served by the partial deadline index). Orders
 /// with a payment already paid (or refunded) here are left out: the order processor owns those, and a batch of
 /// them must never hide the orders that really are due behind it.

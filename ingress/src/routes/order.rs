@@ -7,9 +7,10 @@ use storage::homestays::HomestayRow;
 use storage::orders::{self, NewOrder, OrderRow};
 use storage::{Fen, HomestayId, OrderId, OrderSn, PayStatus, TradeState, homestays, payments};
 
-use crate::AppState;
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiJson, ApiResult, Data, conflict};
+use crate::limits::{Action, Who};
+use crate::{AppState, ClientIp};
 
 const DAY: i64 = 86_400;
 /// Longer stays are surely a client bug (and would risk overflowing prices).
@@ -70,10 +71,19 @@ fn trade_code() -> String {
 pub async fn create(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
+    ClientIp(ip): ClientIp,
     ApiJson(req): ApiJson<CreateReq>,
 ) -> ApiResult<CreateResp> {
+    state.limits.check(Action::CreateOrder, ip, Some(Who::User(user)))?;
     let now = Utc::now();
     let mut conn = state.conn().await?;
+    let cap = state.deps.config.max_unpaid_orders;
+    if cap > 0 && orders::count_unpaid(&mut conn, user).await? >= i64::from(cap) {
+        return Err(ApiError::conflict(
+            conflict::TOO_MANY_UNPAID,
+            format!("you have {cap} unpaid orders: pay or wait for one of them to close first"),
+        ));
+    }
     let h = homestays::find(&mut conn, HomestayId(req.homestay_id)).await?.ok_or(ApiError::NotFound("homestay"))?;
     if !h.is_listed() {
         return Err(ApiError::invalid("this homestay is not open for booking"));
@@ -338,8 +348,10 @@ fn refund_state(s: storage::RefundStatus) -> &'static str {
 pub async fn refund(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
+    ClientIp(ip): ClientIp,
     ApiJson(req): ApiJson<RefundReq>,
 ) -> ApiResult<RefundResp> {
+    state.limits.check(Action::Refund, ip, Some(Who::User(user)))?;
     use bus::events::{RefundReason, RefundRequested};
     use storage::{AsyncConnection as _, StorageError, refunds};
     let sn = order_sn(&req.sn)?;

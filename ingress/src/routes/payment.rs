@@ -11,11 +11,12 @@ use serde::{Deserialize, Serialize};
 use storage::payments::{self, NewPayment, PaymentRow};
 use storage::{AuthType, OrderSn, PayStatus, PaymentSn, TradeState, orders, users};
 
-use crate::AppState;
 use crate::auth::AuthUser;
 use crate::error::{ApiError, ApiJson, ApiResult, Data, conflict};
+use crate::limits::{Action, Who};
 use crate::metrics;
 use crate::routes::order::order_sn;
+use crate::{AppState, ClientIp};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum ServiceType {
@@ -114,8 +115,11 @@ fn prepay_error(e: wechat::PayError) -> ApiError {
 pub async fn prepay(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
+    ClientIp(ip): ClientIp,
     ApiJson(req): ApiJson<PrepayReq>,
 ) -> ApiResult<PrepayResp> {
+    // Each prepay is a signed call on the merchant's WeChat quota (about 500/s for the whole merchant).
+    state.limits.check(Action::Prepay, ip, Some(Who::User(user)))?;
     let sn = order_sn(&req.order_sn)?;
     let (order, payment, openid) = {
         let mut conn = state.conn().await?;
@@ -239,8 +243,10 @@ pub struct StatusResp {
 pub async fn status(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
+    ClientIp(ip): ClientIp,
     ApiJson(req): ApiJson<StatusReq>,
 ) -> ApiResult<StatusResp> {
+    state.limits.check(Action::Status, ip, Some(Who::User(user)))?;
     let key = req.order_sn.or(req.sn).ok_or_else(|| ApiError::BadRequest("give orderSn (or sn)".into()))?;
     let mut conn = state.conn().await?;
     let (order, payment) = if key.starts_with(PaymentSn::PREFIX) {

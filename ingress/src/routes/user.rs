@@ -1,16 +1,13 @@
 //! `/usercenter/v1/user/*`: register, log in with a password or with WeChat, read one's own details.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
-
 use axum::extract::State;
 use serde::{Deserialize, Serialize};
 use storage::{AsyncConnection as _, AuthType, StorageError, users};
 
 use crate::auth::{AuthUser, TokenAnswer};
 use crate::error::{ApiError, ApiJson, ApiResult, AuthProblem, Data, conflict};
-use crate::{AppState, routes::unix_now};
+use crate::limits::{Action, Who};
+use crate::{AppState, ClientIp, routes::unix_now};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -35,46 +32,15 @@ fn check_mobile(mobile: &str) -> Result<(), ApiError> {
     }
 }
 
-/// Failed password logins per mobile number: after `MAX_FAILURES` within `WINDOW`, that number is refused (429)
-/// until the window ends, which makes guessing a password by brute force impractical.
-pub struct LoginThrottle {
-    failures: Mutex<HashMap<String, (Instant, u32)>>,
-}
-
-const MAX_FAILURES: u32 = 5;
-const WINDOW: Duration = Duration::from_secs(300);
-
-impl LoginThrottle {
-    pub fn new() -> Self {
-        LoginThrottle { failures: Mutex::new(HashMap::new()) }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, u32)>> {
-        self.failures.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn blocked(&self, mobile: &str) -> bool {
-        self.lock().get(mobile).is_some_and(|(since, n)| *n >= MAX_FAILURES && since.elapsed() < WINDOW)
-    }
-
-    fn failed(&self, mobile: &str) {
-        let mut map = self.lock();
-        if map.len() > 100_000 {
-            map.retain(|_, (since, _)| since.elapsed() < WINDOW);
-        }
-        let entry = map.entry(mobile.to_owned()).or_insert((Instant::now(), 0));
-        if entry.0.elapsed() >= WINDOW {
-            *entry = (Instant::now(), 0);
-        }
-        entry.1 += 1;
-    }
-
-    fn succeeded(&self, mobile: &str) {
-        self.lock().remove(mobile);
-    }
-}
-
-pub async fn register(State(state): State<AppState>, ApiJson(req): ApiJson<Credentials>) -> ApiResult<TokenAnswer> {
+/// Registration says when a mobile number is taken (409), as looklook's does: a user who registered before needs
+/// to be told to log in. That tells a stranger who is registered, one guess at a time; the per-address limit makes
+/// it slow, and hiding it would need the number proven first (an SMS code), which this API does not have.
+pub async fn register(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    ApiJson(req): ApiJson<Credentials>,
+) -> ApiResult<TokenAnswer> {
+    state.limits.check(Action::Register, ip, None)?;
     check_mobile(&req.mobile)?;
     let len = req.password.chars().count();
     if !(8..=128).contains(&len) {
@@ -96,15 +62,20 @@ pub async fn register(State(state): State<AppState>, ApiJson(req): ApiJson<Crede
     Ok(Data(state.tokens.issue(user.id(), unix_now())?))
 }
 
-pub async fn login(State(state): State<AppState>, ApiJson(req): ApiJson<Credentials>) -> ApiResult<TokenAnswer> {
-    // A malformed mobile cannot be anyone's: refused before it costs a hash or becomes a throttle key.
+/// Attempts are limited per client address, per mobile number from one address (so a stranger elsewhere cannot
+/// lock its owner out), and per mobile number across all addresses (`login_per_mobile_per_hour`, so many addresses
+/// together cannot guess one password either; they can slow its owner down for the rest of that hour).
+pub async fn login(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    ApiJson(req): ApiJson<Credentials>,
+) -> ApiResult<TokenAnswer> {
+    // A malformed mobile cannot be anyone's: refused before it costs a hash or becomes a limiter key.
     check_mobile(&req.mobile)?;
     if req.password.chars().count() > 128 {
         return Err(ApiError::invalid("password must be at most 128 characters"));
     }
-    if state.login_throttle.blocked(&req.mobile) {
-        return Err(ApiError::RateLimited);
-    }
+    state.limits.check(Action::Login, ip, Some(Who::Mobile(req.mobile.clone())))?;
     let user = {
         let mut conn = state.conn().await?;
         users::find_by_auth(&mut conn, AuthType::System, &req.mobile).await?
@@ -113,22 +84,19 @@ pub async fn login(State(state): State<AppState>, ApiJson(req): ApiJson<Credenti
     // Unknown mobiles are checked against a dummy hash: the answer takes as long either way.
     let ok = state.passwords.verify(req.password, hash).await?;
     match user {
-        Some(u) if ok => {
-            state.login_throttle.succeeded(&req.mobile);
-            Ok(Data(state.tokens.issue(u.id(), unix_now())?))
-        }
-        _ => {
-            state.login_throttle.failed(&req.mobile);
-            Err(ApiError::Unauthorized(AuthProblem::WrongCredentials))
-        }
+        Some(u) if ok => Ok(Data(state.tokens.issue(u.id(), unix_now())?)),
+        _ => Err(ApiError::Unauthorized(AuthProblem::WrongCredentials)),
     }
 }
 
 /// `wx.login` code → jscode2session → openid; the first login creates the user.
 pub async fn wx_mini_auth(
     State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
     ApiJson(req): ApiJson<WxMiniAuthReq>,
 ) -> ApiResult<TokenAnswer> {
+    // Each login costs a jscode2session call on the mini-program's WeChat quota.
+    state.limits.check(Action::WxMiniAuth, ip, None)?;
     if req.code.trim().is_empty() || req.code.len() > 128 {
         return Err(ApiError::invalid("code must be the 1 to 128 character code from wx.login"));
     }

@@ -29,6 +29,13 @@ pub struct Options {
     pub body_limit: usize,
     pub request_timeout: Duration,
     pub cors: Vec<String>,
+    /// `http.public_ops_routes` and `http.trust_traceparent` (on here: most tests read them through the API port).
+    pub public_ops_routes: bool,
+    pub trust_traceparent: bool,
+    /// Off here (one test drives many users from one address); `limits.rs` turns them on.
+    pub rate_limits: ingress::RateLimits,
+    pub client_ip_header: Option<String>,
+    pub max_unpaid_orders: u32,
 }
 
 impl Default for Options {
@@ -39,6 +46,11 @@ impl Default for Options {
             body_limit: 64 * 1024,
             request_timeout: Duration::from_secs(10),
             cors: Vec::new(),
+            public_ops_routes: true,
+            trust_traceparent: true,
+            rate_limits: ingress::RateLimits { enabled: false, ..Default::default() },
+            client_ip_header: None,
+            max_unpaid_orders: 0,
         }
     }
 }
@@ -105,6 +117,11 @@ pub async fn spawn_app_with(opts: Options) -> TestApp {
     config.body_limit_bytes = opts.body_limit;
     config.request_timeout = opts.request_timeout;
     config.cors_allowed_origins = opts.cors;
+    config.public_ops_routes = opts.public_ops_routes;
+    config.trust_traceparent = opts.trust_traceparent;
+    config.rate_limits = opts.rate_limits;
+    config.client_ip_header = opts.client_ip_header;
+    config.max_unpaid_orders = opts.max_unpaid_orders;
     config.validate().unwrap();
     let deps = Deps { pool: pool.clone(), publisher, pay, mini, wechat: wechat.clone(), config };
     let shutdown = CancellationToken::new();

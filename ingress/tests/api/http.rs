@@ -182,3 +182,20 @@ async fn cors_allows_only_configured_origins_and_slow_requests_time_out_with_jso
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert_eq!(body["code"], 50301, "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_the_public_port_shows_no_readiness_or_metrics_and_ignores_a_callers_trace() {
+    let app =
+        spawn_app_with(Options { public_ops_routes: false, trust_traceparent: false, ..Default::default() }).await;
+    for path in ["/readyz", "/metrics"] {
+        let resp = app.http.get(format!("{}{path}", app.base)).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{path} is on the admin port only");
+    }
+    let resp = app.http.get(format!("{}/healthz", app.base)).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    // A stranger's traceparent (sampled flag set) neither names our trace nor decides our sampling.
+    let caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let resp = app.http.get(format!("{}/healthz", app.base)).header("traceparent", caller).send().await.unwrap();
+    let answered = resp.headers()["traceparent"].to_str().unwrap().to_owned();
+    assert!(!answered.contains("4bf92f3577b34da6a3ce929d0e0e4736"), "{answered}");
+}

@@ -5,6 +5,7 @@ mod common;
 
 mod callbacks;
 mod http;
+mod limits;
 mod orders;
 mod payments;
 mod users;

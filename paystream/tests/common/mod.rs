@@ -129,6 +129,11 @@ impl System {
             .env("PAYSTREAM__NATS__URL", testkit::nats_url())
             .env("PAYSTREAM__NATS__PREFIX", &self.prefix)
             .env("PAYSTREAM__HTTP__JWT_SECRET", JWT)
+            .env("PAYSTREAM__HTTP__SEED_DEMO_HOMESTAYS", "true")
+            // These tests drive many users from one address (the cluster test: a thousand payments); the limits
+            // have tests of their own (ingress/tests/api/limits.rs).
+            .env("PAYSTREAM__HTTP__RATE_LIMITS__ENABLED", "false")
+            .env("PAYSTREAM__HTTP__MAX_UNPAID_ORDERS", "0")
             .env("PAYSTREAM__CONSUMER__BACKOFF", "[\"50ms\", \"100ms\"]")
             .env("PAYSTREAM__CONSUMER__MAX_DELIVER", "3")
             .env("PAYSTREAM__TIMEOUT__INTERVAL", "100ms")
