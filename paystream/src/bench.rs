@@ -108,7 +108,7 @@ async fn bus_bench(cfg: &Config, events: usize, writers: usize) -> anyhow::Resul
     );
     let outbox = outbox_round_trip(&cfg, &infra, events, writers).await?;
     println!(
-        "  outbox commit → relay → consumer (+processed_event): {:>8.0} ev/s  p50 {:>6.2} ms  p99 {:>6.2} ms",
+        "  outbox commit → publish → consumer (+processed_event): {:>8.0} ev/s  p50 {:>6.2} ms  p99 {:>6.2} ms",
         outbox.per_second, outbox.p50_ms, outbox.p99_ms
     );
     println!(
@@ -196,7 +196,8 @@ impl Handler for Recorder {
     }
 }
 
-/// Writers commit one event per transaction; one relay publishes; one consumer claims each in `processed_event`.
+/// Writers commit one event per transaction and publish it after the commit (a relay sweeps); one consumer claims
+/// each in `processed_event`.
 async fn outbox_round_trip(cfg: &Config, infra: &Infra, events: usize, writers: usize) -> anyhow::Result<Figures> {
     let shutdown = CancellationToken::new();
     let latencies = Arc::new(Mutex::new(Vec::with_capacity(events)));
@@ -208,14 +209,22 @@ async fn outbox_round_trip(cfg: &Config, infra: &Infra, events: usize, writers: 
     let consumer_task = tokio::spawn(consumer.run(shutdown.clone()));
     let relay_task = tokio::spawn(infra.relay(cfg).run(shutdown.clone()));
     let start = Instant::now();
+    // Writers as the processors write: the event staged in the transaction, published by the writer right after
+    // its commit (the relay runs too, for whatever that misses).
+    let outbox = bus::Outbox::new(infra.pool.clone(), infra.publisher.clone());
     let mut tasks = Vec::new();
     for w in 0..writers {
-        let pool = infra.pool.clone();
+        let (pool, outbox) = (infra.pool.clone(), outbox.clone());
         tasks.push(tokio::spawn(async move {
             for n in (w..events).step_by(writers) {
                 let env = Envelope::new(BenchEvent { n: n as u64 });
                 let mut conn = pool.get().await?;
-                conn.transaction::<_, StorageError, _>(async |c| bus::enqueue(c, &env).await).await?;
+                outbox
+                    .transaction::<_, StorageError, _>(&mut conn, async |_c, staged| {
+                        staged.add(&env);
+                        Ok(())
+                    })
+                    .await?;
             }
             anyhow::Ok(())
         }));
