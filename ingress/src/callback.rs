@@ -62,7 +62,7 @@ pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
     if let Err(NotifyError::Verify(VerifyError::UnknownSerial(serial))) = &read
         && state.deps.wechat.platform_certificates
         && is_certificate_serial(serial)
-        && state.cert_refresh.try_refresh().await
+        && state.cert_refresh.try_refresh()
     {
         match state.deps.pay.download_certificates().await {
             Ok(_) => read = state.reader.read(headers, &body, unix_now()),
@@ -154,27 +154,30 @@ async fn publish<E: Event>(state: &AppState, env: Envelope<E>, notification_id: 
 
 /// Certificate downloads triggered by callbacks with an unknown serial: one at a time, at most one a minute, so
 /// forged callbacks cannot make us hammer WeChat (each download is a signed API call on the merchant's quota).
-pub(crate) struct CertRefresh {
-    last: tokio::sync::Mutex<Option<tokio::time::Instant>>,
+pub(crate) struct CertRefresh<C: governor::clock::Clock = governor::clock::DefaultClock> {
+    once_a_minute: governor::RateLimiter<
+        governor::state::NotKeyed,
+        governor::state::InMemoryState,
+        C,
+        governor::middleware::NoOpMiddleware<C::Instant>,
+    >,
 }
 
 impl CertRefresh {
-    const EVERY: Duration = Duration::from_secs(60);
-
     pub(crate) fn new() -> Self {
-        CertRefresh { last: tokio::sync::Mutex::new(None) }
+        Self::with_clock(governor::clock::DefaultClock::default())
+    }
+}
+
+impl<C: governor::clock::Clock> CertRefresh<C> {
+    fn with_clock(clock: C) -> Self {
+        let quota = governor::Quota::per_minute(std::num::NonZeroU32::MIN);
+        CertRefresh { once_a_minute: governor::RateLimiter::direct_with_clock(quota, clock) }
     }
 
-    /// Whether this caller may download now (it then holds the minute). Concurrent callers wait for the one that
-    /// goes first and are refused: by then the download has happened.
-    async fn try_refresh(&self) -> bool {
-        let mut last = self.last.lock().await;
-        let now = tokio::time::Instant::now();
-        if last.is_some_and(|t| now.duration_since(t) < Self::EVERY) {
-            return false;
-        }
-        *last = Some(now);
-        true
+    /// Whether this caller may download now (it then holds the minute); callers in the same minute are refused.
+    fn try_refresh(&self) -> bool {
+        self.once_a_minute.check().is_ok()
     }
 }
 
@@ -192,14 +195,15 @@ mod tests {
         assert!(!is_certificate_serial(""));
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn certificate_downloads_are_at_most_one_a_minute() {
-        let r = CertRefresh::new();
-        assert!(r.try_refresh().await);
-        assert!(!r.try_refresh().await);
-        tokio::time::advance(Duration::from_secs(59)).await;
-        assert!(!r.try_refresh().await);
-        tokio::time::advance(Duration::from_secs(2)).await;
-        assert!(r.try_refresh().await);
+    #[test]
+    fn certificate_downloads_are_at_most_one_a_minute() {
+        let clock = governor::clock::FakeRelativeClock::default();
+        let r = CertRefresh::with_clock(clock.clone());
+        assert!(r.try_refresh());
+        assert!(!r.try_refresh());
+        clock.advance(Duration::from_secs(59));
+        assert!(!r.try_refresh());
+        clock.advance(Duration::from_secs(2));
+        assert!(r.try_refresh());
     }
 }

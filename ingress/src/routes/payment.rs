@@ -1,8 +1,6 @@
 //! `/payment/v1/thirdPayment/thirdPaymentWxPay` (JSAPI prepay) and `…WxPayStatus` (the polling endpoint).
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::State;
 use bus::events::{ReportSource, WechatTransactionReported};
@@ -183,32 +181,25 @@ pub async fn prepay(
 }
 
 /// At most one WeChat query per payment per interval, in this process (a few extra queries across replicas are
-/// harmless; WeChat's rate limit is per merchant and far above this).
+/// harmless; WeChat's rate limit is per merchant and far above this). A governor keyed limiter with a burst of one.
 pub struct QueryLimiter {
-    interval: Duration,
-    last: Mutex<HashMap<String, Instant>>,
+    per_payment: governor::DefaultKeyedRateLimiter<String>,
 }
 
 impl QueryLimiter {
     pub fn new(interval: Duration) -> Self {
-        QueryLimiter { interval, last: Mutex::new(HashMap::new()) }
+        // A zero interval is refused by the configuration; a nanosecond is the nearest meaningful value.
+        let quota = governor::Quota::with_period(interval.max(Duration::from_nanos(1))).expect("a positive period");
+        QueryLimiter { per_payment: governor::RateLimiter::keyed(quota) }
     }
 
     /// Whether a query for `key` may go now (and if so, records it).
     pub fn try_acquire(&self, key: &str) -> bool {
-        let now = Instant::now();
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if last.len() > 10_000 {
-            let interval = self.interval;
-            last.retain(|_, t| now.duration_since(*t) < interval);
+        if self.per_payment.len() > 10_000 {
+            // Payments whose interval has passed are forgotten: memory follows the payments polled lately.
+            self.per_payment.retain_recent();
         }
-        match last.get(key) {
-            Some(t) if now.duration_since(*t) < self.interval => false,
-            _ => {
-                last.insert(key.to_owned(), now);
-                true
-            }
-        }
+        self.per_payment.check_key(&key.to_owned()).is_ok()
     }
 }
 
