@@ -276,10 +276,11 @@ async fn provision<E: Event>(publisher: &Publisher, spec: &ConsumerSpec) -> Resu
         deliver_policy: DeliverPolicy::All,
         ack_policy: AckPolicy::Explicit,
         ack_wait: cfg.ack_wait,
-        // One more than configured: when the last allowed attempt dies without an answer (a crash, a hang), the
-        // server still hands the message over once more and the runner dead-letters it instead of the message
-        // silently stopping in the stream.
-        max_deliver: cfg.max_deliver + 1,
+        // Unlimited: the runner counts deliveries and dead-letters a message past `max_deliver` (also one whose
+        // last attempt crashed or hung). If JetStream stopped on its own, a message whose dead letter could not be
+        // stored (the DLQ stream unavailable) would stop in its stream, in neither place; this way the nak after a
+        // failed dead letter brings it back until the letter is stored.
+        max_deliver: -1,
         // Redeliveries after an ack timeout follow the same growing delays, never sooner than ack_wait.
         backoff: cfg.backoff.iter().map(|d| (*d).max(cfg.ack_wait)).collect(),
         max_ack_pending: (cfg.concurrency * 4).max(64) as i64,

@@ -330,7 +330,44 @@ async fn provisioning_reapplies_the_configuration() {
     consumer.provision().await.unwrap();
     let mut c = durable(&env).await;
     let info = c.info().await.unwrap();
-    assert_eq!(info.config.max_deliver, 7, "configured 6, plus the runner's final look");
+    assert_eq!(info.config.max_deliver, -1, "the runner counts deliveries itself; JetStream never gives up");
     assert_eq!(info.config.backoff, vec![Duration::from_secs(7), Duration::from_secs(7)], "never sooner than ack_wait");
     assert_eq!(info.config.ack_policy, async_nats::jetstream::consumer::AckPolicy::Explicit);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_letter_that_cannot_be_stored_is_retried_until_it_is() {
+    let env = Env::new().await;
+    let rec = Recorder::new(&env);
+    // The dead-letter stream is gone (an outage, a mistake): nothing can be dead-lettered for now.
+    env.js.delete_stream(env.topology().dlq_stream()).await.unwrap();
+    let (token, task) = start(&env, rec.clone(), ConsumerConfig { max_deliver: 2, ..fast() });
+    env.publisher.publish(&job("a", 1, Mode::AlwaysTransient)).await.unwrap();
+    // Its deliveries are used up and the dead letter failed, more than once: the message keeps coming back.
+    testkit::eventually(Duration::from_secs(20), "deliveries past max_deliver", || async {
+        let mut c = durable(&env).await;
+        let info = c.info().await.ok()?;
+        (info.delivered.stream_sequence == 1 && info.num_ack_pending == 1 && rec.calls_for("a-1").len() == 2)
+            .then_some(())
+    })
+    .await;
+    testkit::eventually(Duration::from_secs(20), "a third delivery after the failed dead letter", || async {
+        let mut c = durable(&env).await;
+        let info = c.info().await.ok()?;
+        (info.num_redelivered >= 1 && info.ack_floor.stream_sequence == 0).then_some(())
+    })
+    .await;
+    // The stream is back: the next delivery stores the dead letter and ends the message.
+    env.topology().ensure_streams(&env.js).await.unwrap();
+    let dead = dead_letters(&env, 1).await;
+    assert!(
+        header(&dead[0], headers::DLQ_REASON).contains("still failing after 2 deliveries")
+            || header(&dead[0], headers::DLQ_REASON).contains("no answer after 2 deliveries"),
+        "{}",
+        header(&dead[0], headers::DLQ_REASON)
+    );
+    settled(&env).await;
+    token.cancel();
+    task.await.unwrap();
+    assert_eq!(rec.calls_for("a-1").len(), 2, "the handler ran max_deliver times; the rest were dead-letter attempts");
 }
