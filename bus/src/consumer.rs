@@ -318,8 +318,10 @@ impl<H: Handler> Ctx<H> {
                 headers: msg.headers.clone().unwrap_or_default(),
             };
             if delivered > cfg.max_deliver {
-                let reason =
-                    format!("no answer after {} deliveries (handler crashed or hung each time)", cfg.max_deliver);
+                let reason = format!(
+                    "no answer after {} deliveries (the handler crashed or hung, or its dead letter could not be stored)",
+                    cfg.max_deliver
+                );
                 self.dead_letter(&msg, &delivery, &stream, &reason).await;
                 continue;
             }
