@@ -79,6 +79,15 @@ pg_bindir() {
 # PostgreSQL refuses to run as root: when we are root, the cluster belongs to the `postgres` user.
 as_pg() { if [[ $(id -u) == 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 
+# Where the private cluster lives: .run/pg, unless the `postgres` user cannot reach it (root with the clone under
+# /root or in a `mktemp -d` directory, both 0700): then /var/tmp/paystream-pg-<hash of the clone's path>, one per
+# clone, so initdb does not fail with "Permission denied".
+pg_home() {
+  if [[ $(id -u) != 0 ]] || runuser -u postgres -- test -x "$run" 2>/dev/null; then echo "$run/pg"; return; fi
+  echo "/var/tmp/paystream-pg-$(printf '%s' "$root" | sha256sum | cut -c1-12)"
+}
+pgdir=$(pg_home)
+
 # The cluster's settings live in its postgresql.conf, not on postgres's command line: what the command line sets,
 # ALTER SYSTEM (postgresql.auto.conf) cannot override, and `paystream bench e2e --fsync on|both` switches durability
 # that way (and puts it back). Tuned for a disposable test cluster: durability is the tests' business only through
@@ -100,14 +109,14 @@ CONF
 }
 
 pg_start() { # pg_start BIN DATA PORT
-  as_pg "$1/pg_ctl" -D "$2" -l "$run/pg/server.log" -w -t 30 -o "-p $3 -k $run/pg" start >/dev/null \
-    || die "postgres did not start (see $run/pg/server.log)"
+  as_pg "$1/pg_ctl" -D "$2" -l "$pgdir/server.log" -w -t 30 -o "-p $3 -k $pgdir" start >/dev/null \
+    || die "postgres did not start (see $pgdir/server.log)"
 }
 
 pg_up() {
   if [[ -n ${DATABASE_URL:-} ]]; then echo "$DATABASE_URL"; return; fi
   local bin; bin=$(pg_bindir)
-  local data="$run/pg/data"
+  local data="$pgdir/data"
   if [[ -f $run/pg.url ]] && as_pg "$bin/pg_ctl" -D "$data" status >/dev/null 2>&1; then
     # A cluster started by an older infra.sh takes fsync & co. from its command line: restart it once, on the same
     # port (so that .run/infra.env stays right), with the settings in postgresql.conf.
@@ -120,8 +129,10 @@ pg_up() {
     fi
     cat "$run/pg.url"; return
   fi
-  mkdir -p "$run/pg"
-  [[ $(id -u) == 0 ]] && chown postgres "$run/pg"
+  mkdir -p "$pgdir"
+  [[ $(id -u) == 0 ]] && chown postgres "$pgdir"
+  # Tools look for the cluster at .run/pg (the benchmarks read its postmaster.pid there).
+  [[ $pgdir == "$run/pg" ]] || ln -sfn "$pgdir" "$run/pg"
   if [[ ! -f $data/PG_VERSION ]]; then
     as_pg "$bin/initdb" -D "$data" -U postgres -A trust -E UTF8 --no-locale >"$run/pg-initdb.log" 2>&1 \
       || die "initdb failed (see $run/pg-initdb.log)"
@@ -177,9 +188,9 @@ ENV
 
 down() {
   if [[ -f $run/nats.pid ]]; then kill "$(cat "$run/nats.pid")" 2>/dev/null || true; rm -f "$run/nats.pid" "$run/nats.url"; fi
-  if [[ -f $run/pg/data/PG_VERSION ]]; then
+  if [[ -f $pgdir/data/PG_VERSION ]]; then
     local bin; bin=$(pg_bindir)
-    as_pg "$bin/pg_ctl" -D "$run/pg/data" -m fast stop >/dev/null 2>&1 || true
+    as_pg "$bin/pg_ctl" -D "$pgdir/data" -m fast stop >/dev/null 2>&1 || true
     rm -f "$run/pg.url"
   fi
   rm -f "$run/infra.env"
