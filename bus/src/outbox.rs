@@ -153,7 +153,7 @@ impl Outbox {
                 }
                 let published: Vec<i64> = acked.lock().iter().take(DELETE_BATCH).copied().collect();
                 let written = table::insert_all(c, &events_ref.rows, &published).await?;
-                if written.iter().any(|w| !w.head) {
+                if written.len() < events_ref.rows.len() || written.iter().any(|w| !w.head) {
                     // An earlier event of the aggregate is still on its way: the relays publish this one after it.
                     table::wake_relays(c).await?;
                 }
@@ -168,8 +168,12 @@ impl Outbox {
     /// is in. A failure here loses nothing: the rows stay for the relays.
     async fn publish_committed(&self, rows: Vec<table::NewOutboxRow>, written: Vec<table::Written>) {
         let mut pending = Vec::with_capacity(rows.len());
-        for (row, w) in rows.into_iter().zip(written) {
-            debug_assert_eq!(row.event_id, w.event_id, "insert_all returns rows in the order given");
+        let mut written: std::collections::HashMap<uuid::Uuid, table::Written> =
+            written.into_iter().map(|w| (w.event_id, w)).collect();
+        for row in rows {
+            // Not written: the same event was already in the outbox, on its way (see `insert_all`); what follows may
+            // belong to the same aggregate, so it is left to the relays too.
+            let Some(w) = written.remove(&row.event_id) else { break };
             if !w.head {
                 // Everything after it in this transaction may belong to the same aggregate: leave it to the relays.
                 break;

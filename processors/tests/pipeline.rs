@@ -395,3 +395,43 @@ async fn a_paid_event_replayed_after_the_order_was_refunded_changes_nothing_and_
     assert_eq!(env.count(Subject::OrderStatus).await, 1);
     assert!(env.dead_letters("order").await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replayed_success_for_a_closed_payment_whose_refund_request_still_waits_is_no_dead_letter() {
+    let env = Env::new().await;
+    let b = book(&mut *env.conn().await, None).await;
+    let mut c = env.conn().await;
+    storage::payments::transition(&mut c, &b.payment, PayStatus::Waiting, PayStatus::Closed, "CLOSED").await.unwrap();
+    // The refund request of the first SUCCESS is still in the outbox (no relay runs here, and this writer died
+    // before publishing it): exactly the request a replay would write again.
+    let ask = bus::events::RefundRequested {
+        payment_sn: b.payment.clone(),
+        order_sn: b.order.clone(),
+        user_id: b.user,
+        reason: bus::events::RefundReason::OrderClosed,
+        amount: storage::Fen::new(common::TOTAL).unwrap(),
+    };
+    storage::AsyncConnection::transaction::<_, storage::StorageError, _>(&mut *c, async |c| {
+        bus::enqueue(c, &ask.clone().envelope()).await
+    })
+    .await
+    .unwrap();
+    drop(c);
+    let token = CancellationToken::new();
+    let cfg = common::consumer_config(4);
+    let (p, pool, t) = (env.publisher.clone(), env.pool.clone(), token.clone());
+    let payment = tokio::spawn(async move { processors::run_payment(p, pool, APPID, MCHID, cfg, t).await.unwrap() });
+    env.report(success(&b, "replayed")).await;
+    let stream = env.js.get_stream(env.t().stream_of(Subject::WechatTransaction)).await.unwrap();
+    testkit::eventually(Duration::from_secs(20), "the replay handled", || async {
+        let mut c: jetstream::consumer::PullConsumer = stream.get_consumer(processors::PAYMENT_CONSUMER).await.ok()?;
+        let i = c.info().await.ok()?;
+        (i.delivered.stream_sequence == 1 && i.num_pending == 0 && i.num_ack_pending == 0).then_some(())
+    })
+    .await;
+    token.cancel();
+    payment.await.unwrap();
+    assert!(env.dead_letters("payment").await.is_empty(), "the same request again is not an error");
+    let mut c = env.conn().await;
+    assert_eq!(storage::outbox::stats(&mut c).await.unwrap().depth, 1, "one request, waiting for the relays");
+}

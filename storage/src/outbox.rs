@@ -74,8 +74,10 @@ pub struct Written {
 }
 
 /// Writes `rows` in one statement (in the caller's transaction), in their order, and says which are heads of their
-/// aggregate, not counting rows in `published` (already stored by JetStream, not yet deleted). One fixed SQL text
-/// whatever the number of rows, so the statement is prepared once per connection.
+/// aggregate, not counting rows in `published` (already stored by JetStream, not yet deleted). A row whose event is
+/// already in the outbox (the same fact announced again, say a replayed report, while the first is still waiting)
+/// is skipped and missing from the answer: that event is on its way already. One fixed SQL text whatever the
+/// number of rows, so the statement is prepared once per connection.
 pub async fn insert_all(conn: &mut Conn, rows: &[NewOutboxRow], published: &[i64]) -> Result<Vec<Written>> {
     if rows.is_empty() {
         return Ok(Vec::new());
@@ -92,6 +94,7 @@ pub async fn insert_all(conn: &mut Conn, rows: &[NewOutboxRow], published: &[i64
             "INSERT INTO outbox (event_id, aggregate, subject, headers, payload) \
              SELECT e, a, s, h, p FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::bytea[]) \
                   WITH ORDINALITY AS u(e, a, s, h, p, n) ORDER BY n \
+             ON CONFLICT (event_id) DO NOTHING \
              RETURNING id, event_id, \
                   NOT EXISTS (SELECT 1 FROM outbox o WHERE o.aggregate = outbox.aggregate AND o.id < outbox.id \
                                 AND o.id <> ALL($6)) AS head",
