@@ -118,15 +118,18 @@ pub async fn insert_all(conn: &mut Conn, rows: &[NewOutboxRow], published: &[i64
 /// the same aggregate at the same time. Rows come back in id order: for one aggregate, that is commit order,
 /// because writers of one aggregate hold its row lock while they write (see the processors).
 ///
-/// Cost grows with the batch, not the backlog: heads are found by walking the primary key in id order and probing
-/// `outbox_aggregate_id` for an older row of the same aggregate (stopping after `aggregates` heads), and the batch's
-/// rows are read through the same index. Measured with `EXPLAIN ANALYZE` on 10,000 pending rows: 0.65 ms, where
-/// computing every head first (`DISTINCT ON` over the table) and a sequential scan for the rows took 6.1 ms.
+/// Cost grows with the batch, not the backlog: heads are looked for only among the oldest `rows` rows (walking the
+/// primary key and probing `outbox_aggregate_id` for an older row of the same aggregate, stopping after `aggregates`
+/// heads), and the batch's rows are read through the same index. Without that bound, a backlog of few aggregates
+/// made the walk cover every row to find more heads: `EXPLAIN ANALYZE` at 20,000 rows of 64 aggregates, 42.7 ms,
+/// now 2.2 ms; 2,000 rows of 64 aggregates 2.9 → 2.1 ms; 10,000 rows of 10,000 aggregates 1.2 ms either way. A head
+/// beyond the oldest `rows` rows waits for a later claim, which only happens while older rows are being published.
 pub async fn claim_batch(conn: &mut Conn, aggregates: i64, rows: i64) -> Result<Vec<OutboxRow>> {
     Ok(prepared(
         diesel::sql_query(
-            "WITH mine AS ( \
-             SELECT o.aggregate FROM outbox o \
+            "WITH oldest AS (SELECT id FROM outbox ORDER BY id LIMIT $2), \
+             mine AS ( \
+             SELECT o.aggregate FROM outbox o JOIN oldest USING (id) \
              WHERE NOT EXISTS (SELECT 1 FROM outbox p WHERE p.aggregate = o.aggregate AND p.id < o.id) \
              ORDER BY o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED \
          ) \
