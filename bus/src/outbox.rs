@@ -12,8 +12,8 @@
 //!
 //! Delivery guarantee: a row is deleted only in the transaction that published it, after every PubAck of its batch.
 //! If the relay dies between PubAck and commit, the rows stay and are published again by the next relay with the
-//! same `Nats-Msg-Id` (the event id), which JetStream drops as a duplicate within its window. Downstream consumers
-//! also claim the event id in `processed_event`, which covers a relay that stays down longer than the window.
+//! same `Nats-Msg-Id` (the event id), which JetStream drops as a duplicate within its window. Past the window,
+//! downstream consumers are idempotent themselves (the state they change, or their `processed_event` claim).
 
 use std::future::Future;
 use std::sync::Arc;
