@@ -103,7 +103,8 @@ pub fn document() -> Value {
                 obj(&[], json!({
                     "lastId": { "type": "integer", "description": "id of the last order of the previous page; 0 for the first" },
                     "pageSize": { "type": "integer", "minimum": 1, "maximum": 50, "default": 10 },
-                    "tradeState": { "type": "integer", "minimum": -1, "maximum": 4 }
+                    "tradeState": { "type": "integer", "enum": [-99, -1, 0, 1, 2, 3, 4],
+                                    "description": "one state, or -99 (or absent) for all, as looklook's front end asks" }
                 })),
                 json!({ "type": "object", "properties": { "list": { "type": "array", "items": order } } }),
                 &[bad, unauth, invalid]),

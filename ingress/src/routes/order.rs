@@ -239,10 +239,14 @@ pub struct ListReq {
     last_id: i64,
     #[serde(default = "default_page_size")]
     page_size: i64,
-    /// -1 cancelled, 0 waitPay, 1 waitUse, 2 used, 3 refunded, 4 expired; absent for all.
+    /// -1 cancelled, 0 waitPay, 1 waitUse, 2 used, 3 refunded, 4 expired; absent, or -99 as looklook's front end
+    /// sends it, for all.
     #[serde(default)]
     trade_state: Option<i16>,
 }
+
+/// looklook's "every state" in `tradeState`.
+const ALL_STATES: i16 = -99;
 
 fn default_page_size() -> i64 {
     10
@@ -266,9 +270,10 @@ pub async fn list(
     }
     let state_filter = req
         .trade_state
+        .filter(|&s| s != ALL_STATES)
         .map(TradeState::from_code)
         .transpose()
-        .map_err(|_| ApiError::invalid("tradeState must be one of -1, 0, 1, 2, 3, 4"))?;
+        .map_err(|_| ApiError::invalid("tradeState must be one of -1, 0, 1, 2, 3, 4, or -99 for all"))?;
     let before = (req.last_id > 0).then_some(OrderId(req.last_id));
     let mut conn = state.conn().await?;
     let rows = orders::list_for_user(&mut conn, user, state_filter, before, req.page_size).await?;

@@ -89,6 +89,9 @@ async fn lists_page_newest_first_filter_by_state_and_users_see_only_their_own() 
     .unwrap();
     let waiting_use = app.ok(LIST, &json!({ "tradeState": 1 }), Some(&alice)).await["list"].clone();
     assert_eq!(sns(&waiting_use), vec![mine[2].clone()]);
+    // looklook's front end asks for every state with -99.
+    let every = app.ok(LIST, &json!({ "tradeState": -99, "pageSize": 50 }), Some(&alice)).await["list"].clone();
+    assert_eq!(sns(&every).len(), mine.len(), "{every}");
     for bad in [json!({ "pageSize": 0 }), json!({ "pageSize": 51 }), json!({ "tradeState": 7 })] {
         let (status, b) = app.post(LIST, &bad, Some(&alice)).await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{bad} -> {b}");
