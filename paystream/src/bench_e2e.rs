@@ -1313,6 +1313,25 @@ impl System {
         let sandbox_toml = std::fs::read_to_string(sandbox_dir.join(sandbox::CONFIG_FILE))?;
         std::fs::write(&config, format!("{sandbox_toml}\n{}", spec.config))?;
         let jwt = format!("bench-{}", uuid::Uuid::new_v4().simple());
+        // The benchmark books the demo homestays and drives thousands of users from one address: demo data on, rate
+        // limits and the unpaid-order cap off. A build from before those keys refuses them (and seeded by default,
+        // without limits), so they are given only to a binary whose `config --role ingress` accepts them.
+        const EDGE: [(&str, &str); 3] = [
+            ("PAYSTREAM__HTTP__SEED_DEMO_HOMESTAYS", "true"),
+            ("PAYSTREAM__HTTP__RATE_LIMITS__ENABLED", "false"),
+            ("PAYSTREAM__HTTP__MAX_UNPAID_ORDERS", "0"),
+        ];
+        let edge_keys = command(roles_bin)
+            .arg("--config")
+            .arg(&config)
+            .args(["config", "--role", "ingress"])
+            .env("PAYSTREAM__DATABASE__URL", db.url.expose_secret())
+            .env("PAYSTREAM__HTTP__JWT_SECRET", &jwt)
+            .envs(EDGE)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
         let mut started = Vec::new();
         for (name, words) in spec.roles {
             let admin_port = free_port()?;
@@ -1330,13 +1349,8 @@ impl System {
             if matches!(*name, "ingress" | "all") {
                 c.env("PAYSTREAM__HTTP__LISTEN", format!("127.0.0.1:{http_port}"))
                     .env("PAYSTREAM__HTTP__JWT_SECRET", &jwt);
-                if spec.roles_bin.is_none() {
-                    // The benchmark books the demo homestays and drives thousands of users from one address: demo
-                    // data on, rate limits and the unpaid-order cap off (keys an older --roles-bin would refuse; it
-                    // had neither and seeded by default).
-                    c.env("PAYSTREAM__HTTP__SEED_DEMO_HOMESTAYS", "true")
-                        .env("PAYSTREAM__HTTP__RATE_LIMITS__ENABLED", "false")
-                        .env("PAYSTREAM__HTTP__MAX_UNPAID_ORDERS", "0");
+                if edge_keys {
+                    c.envs(EDGE);
                 }
             }
             let child = c.spawn().with_context(|| format!("starting paystream {}", words.join(" ")))?;

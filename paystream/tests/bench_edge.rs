@@ -28,6 +28,32 @@ fn bench(args: &[&str]) -> (String, String) {
 fn bench_prepay_runs_briefly_and_every_prepay_is_answered_and_stored() {
     let (stdout, last) =
         bench(&["prepay", "--prepays", "20", "--concurrency", "1,4", "--warmup", "4", "--reference", "200ms"]);
+    check_prepay(&stdout, &last);
+}
+
+/// Through `--roles-bin` (here the same binary), the ingress still gets the demo homestays and no rate limits or
+/// unpaid-order cap (20 orders per user): the binary is asked whether it knows those keys.
+#[test]
+fn bench_prepay_through_roles_bin_books_and_prepays_as_without() {
+    let roles_bin = env!("CARGO_BIN_EXE_paystream");
+    let (stdout, last) = bench(&[
+        "prepay",
+        "--prepays",
+        "20",
+        "--concurrency",
+        "1,4",
+        "--warmup",
+        "4",
+        "--reference",
+        "200ms",
+        "--roles-bin",
+        roles_bin,
+    ]);
+    assert!(stdout.contains(&format!("the ingress run by {roles_bin} (paystream ")), "{stdout}");
+    check_prepay(&stdout, &last);
+}
+
+fn check_prepay(stdout: &str, last: &str) {
     assert!(
         last.starts_with("bench prepay: ")
             && last.ends_with("of the RSA-2048 signing rate per core ÷ 2 (target ≥ 0.80)"),
