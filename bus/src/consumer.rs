@@ -122,6 +122,21 @@ pub async fn one_by_one<H: Handler + ?Sized>(
     .await
 }
 
+/// The end of every batch handler: the items a shared transaction did not answer (`results[i]` still `None`) go
+/// through [`one_by_one`], and every item comes back with its result, in order.
+pub async fn finish_one_by_one<H: Handler + ?Sized>(
+    handler: &H,
+    items: Vec<Item<H::Event>>,
+    mut results: Vec<Option<Result<Handled, HandlerError>>>,
+) -> Vec<Result<Handled, HandlerError>> {
+    let (rest_at, rest): (Vec<usize>, Vec<Item<H::Event>>) =
+        items.into_iter().enumerate().filter(|(i, _)| results[*i].is_none()).unzip();
+    for (i, r) in rest_at.into_iter().zip(one_by_one(handler, rest).await) {
+        results[i] = Some(r);
+    }
+    results.into_iter().map(|r| r.expect("every item has a result")).collect()
+}
+
 /// A durable consumer's identity and settings.
 #[derive(Debug, Clone)]
 pub struct ConsumerSpec {

@@ -19,7 +19,9 @@ mod topology;
 use std::time::Duration;
 
 pub use config::{ConsumerConfig, NatsConfig, OutboxConfig};
-pub use consumer::{Consumer, ConsumerSpec, Delivery, Handled, Handler, HandlerError, Item, one_by_one};
+pub use consumer::{
+    Consumer, ConsumerSpec, Delivery, Handled, Handler, HandlerError, Item, finish_one_by_one, one_by_one,
+};
 pub use dlq::{DeadLetter, DlqError, RedriveAll, RedriveOutcome};
 pub use envelope::{Envelope, Event, derived_id, headers};
 pub use outbox::{Events, Outbox, Relay, TxBody, enqueue, enqueue_events};

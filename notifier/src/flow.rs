@@ -171,12 +171,7 @@ impl<C: Channel> Handler for NotifyHandler<C> {
             };
             results[i] = Some(items[i].span.in_scope(|| sent.finish(channel, key, *attempt, outcome)));
         }
-        let (rest_at, rest): (Vec<usize>, Vec<Item<C::Event>>) =
-            items.into_iter().enumerate().filter(|(i, _)| results[*i].is_none()).unzip();
-        for (i, r) in rest_at.into_iter().zip(bus::one_by_one(self, rest).await) {
-            results[i] = Some(r);
-        }
-        results.into_iter().map(|r| r.expect("every item has a result")).collect()
+        bus::finish_one_by_one(self, items, results).await
     }
 }
 

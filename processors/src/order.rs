@@ -60,12 +60,7 @@ impl Handler for OrderProcessor {
                 }
             }
         }
-        let (rest_at, rest): (Vec<usize>, Vec<Item<PaymentStatusChanged>>) =
-            items.into_iter().enumerate().filter(|(i, _)| results[*i].is_none()).unzip();
-        for (i, r) in rest_at.into_iter().zip(bus::one_by_one(self, rest).await) {
-            results[i] = Some(r);
-        }
-        results.into_iter().map(|r| r.expect("every item has a result")).collect()
+        bus::finish_one_by_one(self, items, results).await
     }
 
     async fn handle(&self, event: Envelope<PaymentStatusChanged>, _: &Delivery) -> Result<Handled, HandlerError> {
@@ -138,25 +133,7 @@ impl OrderProcessor {
                 for order in &paid {
                     let Some(&i) = at.get(order.sn.as_str()) else { continue };
                     let p = &items[i].event.payload;
-                    items[i].in_span(|| {
-                        let changed = OrderStatusChanged {
-                            order_sn: p.order_sn.clone(),
-                            user_id: p.user_id,
-                            from: TradeState::WaitPay,
-                            to: TradeState::WaitUse,
-                        };
-                        events.add(&changed.envelope());
-                        let sms: &[NotifyTemplate] =
-                            if with_mobile.contains(&p.user_id) { &[NotifyTemplate::PaySuccess] } else { &[] };
-                        stage_notifications(
-                            events,
-                            order,
-                            p.user_id,
-                            p.pay_total,
-                            &[NotifyTemplate::PaySuccess, NotifyTemplate::CheckinNotice],
-                            sms,
-                        );
-                    });
+                    items[i].in_span(|| stage_paid(events, order, p, with_mobile.contains(&p.user_id)));
                     done.push(i);
                 }
                 Ok(done)
@@ -172,6 +149,15 @@ async fn announce_paid(
     order: &orders::OrderRow,
     p: &PaymentStatusChanged,
 ) -> Result<(), StorageError> {
+    let has_mobile = users::find(c, p.user_id).await?.is_some_and(|u| u.mobile.is_some());
+    stage_paid(events, order, p, has_mobile);
+    metrics::order_transition(TradeState::WaitPay, TradeState::WaitUse);
+    Ok(())
+}
+
+/// What a paid order announces, on either path: its new state, and the pay-success and check-in messages (and the
+/// pay-success SMS when the user has a mobile number).
+fn stage_paid(events: &mut bus::Events, order: &orders::OrderRow, p: &PaymentStatusChanged, has_mobile: bool) {
     let changed = OrderStatusChanged {
         order_sn: p.order_sn.clone(),
         user_id: p.user_id,
@@ -179,18 +165,15 @@ async fn announce_paid(
         to: TradeState::WaitUse,
     };
     events.add(&changed.envelope());
-    request_notifications(
-        c,
+    let sms: &[NotifyTemplate] = if has_mobile { &[NotifyTemplate::PaySuccess] } else { &[] };
+    stage_notifications(
         events,
         order,
         p.user_id,
         p.pay_total,
         &[NotifyTemplate::PaySuccess, NotifyTemplate::CheckinNotice],
-        &[NotifyTemplate::PaySuccess],
-    )
-    .await?;
-    metrics::order_transition(TradeState::WaitPay, TradeState::WaitUse);
-    Ok(())
+        sms,
+    );
 }
 
 /// Whether the order's paid state belongs to a payment other than this one (a second payment for one order).

@@ -36,6 +36,26 @@ struct Success {
     details: payments::PaidDetails,
 }
 
+/// The announcement of a payment that just became paid, whichever path paid it.
+fn paid_event(
+    sn: &PaymentSn,
+    order_sn: storage::OrderSn,
+    user_id: UserId,
+    pay_total: storage::Fen,
+    details: &payments::PaidDetails,
+) -> PaymentStatusChanged {
+    PaymentStatusChanged {
+        payment_sn: sn.clone(),
+        order_sn,
+        user_id,
+        from: PayStatus::Waiting,
+        to: PayStatus::Paid,
+        pay_total,
+        transaction_id: Some(details.transaction_id.clone()),
+        pay_time: Some(details.pay_time),
+    }
+}
+
 fn success(r: &WechatTransactionReported) -> Option<Success> {
     let (Some(total), Some(transaction_id), Some(pay_time)) = (r.amount_total, &r.transaction_id, r.success_time)
     else {
@@ -94,12 +114,7 @@ impl Handler for PaymentProcessor {
                 }
             }
         }
-        let (rest_at, rest): (Vec<usize>, Vec<Item<WechatTransactionReported>>) =
-            items.into_iter().enumerate().filter(|(i, _)| results[*i].is_none()).unzip();
-        for (i, r) in rest_at.into_iter().zip(bus::one_by_one(self, rest).await) {
-            results[i] = Some(r);
-        }
-        results.into_iter().map(|r| r.expect("every item has a result")).collect()
+        bus::finish_one_by_one(self, items, results).await
     }
 
     async fn handle(&self, event: Envelope<WechatTransactionReported>, _: &Delivery) -> Result<Handled, HandlerError> {
@@ -150,16 +165,7 @@ impl PaymentProcessor {
                 let mut done = Vec::with_capacity(paid.len());
                 for p in paid {
                     let Some((i, s)) = at.get(p.sn.as_str()) else { continue };
-                    let changed = PaymentStatusChanged {
-                        payment_sn: s.sn.clone(),
-                        order_sn: p.order_sn(),
-                        user_id: UserId(p.user_id),
-                        from: PayStatus::Waiting,
-                        to: PayStatus::Paid,
-                        pay_total: p.total(),
-                        transaction_id: Some(s.details.transaction_id.clone()),
-                        pay_time: Some(s.details.pay_time),
-                    };
+                    let changed = paid_event(&s.sn, p.order_sn(), UserId(p.user_id), p.total(), &s.details);
                     events.add(&items[*i].in_span(|| changed.envelope()));
                     done.push(*i);
                 }
@@ -188,17 +194,7 @@ impl PaymentProcessor {
             // The common case in one statement. Its row lock, like `lock_by_sn`'s below, serialises everything that
             // happens to this payment, which also keeps its outbox events in order.
             if let Some(p) = payments::pay_if_waiting(c, sn, total, &details).await? {
-                let changed = PaymentStatusChanged {
-                    payment_sn: sn.clone(),
-                    order_sn: p.order_sn(),
-                    user_id: UserId(p.user_id),
-                    from: PayStatus::Waiting,
-                    to: PayStatus::Paid,
-                    pay_total: p.total(),
-                    transaction_id: Some(details.transaction_id.clone()),
-                    pay_time: Some(pay_time),
-                };
-                events.add(&changed.envelope());
+                events.add(&paid_event(sn, p.order_sn(), UserId(p.user_id), p.total(), &details).envelope());
                 return Ok(Handled::Done);
             }
             // Not a waiting payment of that amount: find out why, under the row lock.
@@ -216,16 +212,8 @@ impl PaymentProcessor {
             }
             match payments::mark_paid(c, sn, &details).await {
                 Ok(Transition::Changed) => {
-                    let changed = PaymentStatusChanged {
-                        payment_sn: sn.clone(),
-                        order_sn: payment.order_sn(),
-                        user_id: UserId(payment.user_id),
-                        from: PayStatus::Waiting,
-                        to: PayStatus::Paid,
-                        pay_total: payment.total(),
-                        transaction_id: Some(details.transaction_id.clone()),
-                        pay_time: Some(pay_time),
-                    };
+                    let changed =
+                        paid_event(sn, payment.order_sn(), UserId(payment.user_id), payment.total(), &details);
                     events.add(&changed.envelope());
                     Ok(Handled::Done)
                 }

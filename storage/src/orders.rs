@@ -171,16 +171,7 @@ pub async fn unpaid_past_deadline(conn: &mut Conn, now: DateTime<Utc>, limit: i6
 /// waitPay → waitUse in one statement, returning the order as it now is; `None` when it was not waiting for
 /// payment (or does not exist), which the caller then looks into under [`lock_by_sn`].
 pub async fn pay_if_waiting(conn: &mut Conn, sn: &OrderSn) -> Result<Option<OrderRow>> {
-    Ok(prepared(
-        diesel::update(o::table)
-            .filter(o::sn.eq(sn.as_str()))
-            .filter(o::trade_state.eq(TradeState::WaitPay.code()))
-            .set(o::trade_state.eq(TradeState::WaitUse.code()))
-            .returning(OrderRow::as_returning()),
-    )
-    .get_result(conn)
-    .await
-    .optional()?)
+    Ok(pay_many_if_waiting(conn, &[sn]).await?.pop())
 }
 
 /// [`pay_if_waiting`] for many orders in one statement: those still waiting for payment become waitUse and are

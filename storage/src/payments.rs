@@ -164,23 +164,6 @@ pub async fn mark_paid(conn: &mut Conn, sn: &PaymentSn, paid: &PaidDetails) -> R
     settle_miss(conn, sn, PayStatus::Paid).await
 }
 
-/// What the pipeline needs of a payment it just marked paid.
-#[derive(Debug, Clone, Queryable)]
-pub struct JustPaid {
-    pub order_sn: String,
-    pub user_id: i64,
-    pub pay_total: i64,
-}
-
-impl JustPaid {
-    pub fn order_sn(&self) -> OrderSn {
-        OrderSn::parse(&self.order_sn).expect("orders are referenced by a valid serial")
-    }
-    pub fn total(&self) -> Fen {
-        Fen::new(self.pay_total).expect("the database checks the amount")
-    }
-}
-
 /// The common case in one statement: waiting → paid when the payment exists, is still waiting and is for exactly
 /// `total` fen, returning what the announcement needs. `None` when any of that does not hold: the caller then
 /// locks the row and finds out which (unknown, another amount, already paid, closed), with [`mark_paid`].
@@ -189,25 +172,8 @@ pub async fn pay_if_waiting(
     sn: &PaymentSn,
     total: i64,
     paid: &PaidDetails,
-) -> Result<Option<JustPaid>> {
-    Ok(prepared(
-        diesel::update(p::table)
-            .filter(p::sn.eq(sn.as_str()))
-            .filter(p::pay_status.eq(PayStatus::Waiting.code()))
-            .filter(p::pay_total.eq(total))
-            .set((
-                p::pay_status.eq(PayStatus::Paid.code()),
-                p::transaction_id.eq(&paid.transaction_id),
-                p::trade_type.eq(&paid.trade_type),
-                p::trade_state.eq(&paid.trade_state),
-                p::trade_state_desc.eq(&paid.trade_state_desc),
-                p::pay_time.eq(paid.pay_time),
-            ))
-            .returning((p::order_sn, p::user_id, p::pay_total)),
-    )
-    .get_result(conn)
-    .await
-    .optional()?)
+) -> Result<Option<PaidNow>> {
+    Ok(pay_many_if_waiting(conn, &[(sn, total, paid)]).await?.pop())
 }
 
 /// A payment [`pay_many_if_waiting`] marked paid.
