@@ -350,3 +350,58 @@ async fn pooled_connections_carry_the_statement_and_lock_timeouts() {
     let s: Setting = storage::RunQueryDsl::get_result(show("statement_timeout"), &mut tool).await.unwrap();
     assert_eq!(s.value, "0");
 }
+
+/// A statement prepared on a pooled connection while its table was empty (a new database) must not keep the plan it
+/// got then once the table has grown: a sequential scan cached as a generic plan made every hot statement read the
+/// whole table until the next ANALYZE.
+#[tokio::test(flavor = "multi_thread")]
+async fn pooled_connections_plan_for_the_table_as_it_is_now() {
+    #[derive(diesel::QueryableByName)]
+    struct Scans {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        seq_scan: i64,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        idx_scan: i64,
+    }
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let db = TestDb::create().await;
+    let pool = storage::pool(&storage::DbConfig::new(&db.url)).unwrap();
+    let mut conn = pool.get().await.unwrap();
+    let run =
+        async |conn: &mut Conn, sql: &str| storage::RunQueryDsl::execute(diesel::sql_query(sql), conn).await.unwrap();
+    run(&mut conn, "CREATE TABLE queue (id bigserial PRIMARY KEY, key text NOT NULL UNIQUE, body text NOT NULL)").await;
+    let lookup = |keys: Vec<String>| {
+        storage::prepared(
+            // The shape of the hot batch statements: a join with the batch's keys.
+            diesel::sql_query("SELECT count(*) AS n FROM queue q JOIN unnest($1::text[]) AS v(k) ON q.key = v.k")
+                .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(keys),
+        )
+    };
+    // Batches, often enough on the empty table for PostgreSQL to settle on a generic plan (it may after five).
+    for i in 0..10 {
+        let keys = (0..10).map(|k| format!("k-{i}-{k}")).collect();
+        let c: Count = storage::RunQueryDsl::get_result(lookup(keys), &mut *conn).await.unwrap();
+        assert_eq!(c.n, 0);
+    }
+    // The table fills before any ANALYZE, as a new database's does under load.
+    run(&mut conn, "INSERT INTO queue (key, body) SELECT 'k-' || g, repeat('x', 200) FROM generate_series(1, 50000) g")
+        .await;
+    let count_scans = "SELECT seq_scan, idx_scan FROM pg_stat_xact_user_tables WHERE relname = 'queue'";
+    let (before, after): (Scans, Scans) = conn
+        .transaction::<_, diesel::result::Error, _>(async |c| {
+            // The session's counters not yet reported, which hold still inside one transaction.
+            let before = storage::RunQueryDsl::get_result(diesel::sql_query(count_scans), c).await?;
+            let found: Count =
+                storage::RunQueryDsl::get_result(lookup(vec!["k-7".into(), "k-49999".into()]), c).await?;
+            assert_eq!(found.n, 2);
+            Ok((before, storage::RunQueryDsl::get_result(diesel::sql_query(count_scans), c).await?))
+        })
+        .await
+        .unwrap();
+    assert_eq!(after.seq_scan - before.seq_scan, 0, "the lookup must not read the whole table");
+    assert!(after.idx_scan > before.idx_scan, "the lookup must use the key's index");
+}
