@@ -226,11 +226,21 @@ pub struct OutboxConfig {
     /// Relays are woken by NOTIFY; this is the fallback poll when a notification is missed.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
+    /// A row its writer publishes itself right after the commit is left to that writer this long; older, the
+    /// relays publish it (the writer died between commit and publish, or NATS refused it). Longer than it takes a
+    /// busy writer to publish and delete its rows, or relays publish them a second time (JetStream drops those).
+    #[serde(with = "humantime_serde")]
+    pub sweep_after: Duration,
 }
 
 impl Default for OutboxConfig {
     fn default() -> Self {
-        OutboxConfig { batch_aggregates: 256, batch_rows: 1024, poll_interval: Duration::from_secs(1) }
+        OutboxConfig {
+            batch_aggregates: 256,
+            batch_rows: 1024,
+            poll_interval: Duration::from_secs(1),
+            sweep_after: Duration::from_secs(5),
+        }
     }
 }
 
@@ -241,6 +251,9 @@ impl OutboxConfig {
         }
         if self.poll_interval.is_zero() {
             return Err("outbox.poll_interval must be positive".into());
+        }
+        if self.sweep_after.is_zero() {
+            return Err("outbox.sweep_after must be positive".into());
         }
         Ok(())
     }

@@ -43,7 +43,7 @@ pub async fn enqueue_events(conn: &mut Conn, events: Events) -> Result<(), Stora
     if events.is_empty() {
         return Ok(());
     }
-    table::insert_all(conn, &events.rows, &[]).await?;
+    table::insert_all(conn, &events.rows, &[], false).await?;
     table::wake_relays(conn).await
 }
 
@@ -152,8 +152,8 @@ impl Outbox {
                     return Ok((result, Vec::new()));
                 }
                 let published: Vec<i64> = acked.lock().iter().take(DELETE_BATCH).copied().collect();
-                let written = table::insert_all(c, &events_ref.rows, &published).await?;
-                if written.len() < events_ref.rows.len() || written.iter().any(|w| !w.head) {
+                let written = table::insert_all(c, &events_ref.rows, &published, true).await?;
+                if written.len() < events_ref.rows.len() || written.iter().any(|w| !w.fast) {
                     // An earlier event of the aggregate is still on its way: the relays publish this one after it.
                     table::wake_relays(c).await?;
                 }
@@ -174,8 +174,8 @@ impl Outbox {
             // Not written: the same event was already in the outbox, on its way (see `insert_all`); what follows may
             // belong to the same aggregate, so it is left to the relays too.
             let Some(w) = written.remove(&row.event_id) else { break };
-            if !w.head {
-                // Everything after it in this transaction may belong to the same aggregate: leave it to the relays.
+            if !w.fast {
+                // An earlier event of its aggregate is still on its way; so are, by construction, the rows after it.
                 break;
             }
             let subject = self.publisher.topology().qualify(&row.subject);
@@ -267,11 +267,11 @@ impl Relay {
     pub async fn drain_once(&self) -> Result<usize, BusError> {
         let started = std::time::Instant::now();
         let mut conn = self.pool.get().await.map_err(StorageError::from)?;
-        let (aggs, rows) = (self.cfg.batch_aggregates, self.cfg.batch_rows);
+        let (aggs, rows, sweep_after) = (self.cfg.batch_aggregates, self.cfg.batch_rows, self.cfg.sweep_after);
         let publisher = &self.publisher;
         let published = conn
             .transaction::<_, BusError, _>(async move |c| {
-                let batch = table::claim_batch(c, aggs, rows).await?;
+                let batch = table::claim_batch(c, aggs, rows, sweep_after).await?;
                 if batch.is_empty() {
                     return Ok(Vec::new());
                 }

@@ -51,7 +51,12 @@ async fn ten_thousand_events_through_two_relays_arrive_once_each_in_aggregate_or
     let env = Env::new().await;
     let (aggregates, per_aggregate) = (50usize, 200u64);
     let shutdown = CancellationToken::new();
-    let small_batches = OutboxConfig { batch_aggregates: 8, batch_rows: 64, poll_interval: Duration::from_millis(200) };
+    let small_batches = OutboxConfig {
+        batch_aggregates: 8,
+        batch_rows: 64,
+        poll_interval: Duration::from_millis(200),
+        ..Default::default()
+    };
     let relays = [
         tokio::spawn(relay(&env, small_batches.clone()).run(shutdown.clone())),
         tokio::spawn(relay(&env, small_batches).run(shutdown.clone())),
@@ -146,7 +151,12 @@ async fn events_committed_while_no_relay_runs_or_while_it_is_killed_are_delivere
     // a relay starts and is killed mid-stream, repeatedly
     let subject = env.topology().subject(Subject::OrderStatus);
     let stream = env.topology().stream_of(Subject::OrderStatus);
-    let cfg = OutboxConfig { batch_aggregates: 1, batch_rows: 10, poll_interval: Duration::from_millis(50) };
+    let cfg = OutboxConfig {
+        batch_aggregates: 1,
+        batch_rows: 10,
+        poll_interval: Duration::from_millis(50),
+        ..Default::default()
+    };
     for round in 0..3u64 {
         let token = CancellationToken::new();
         let task = tokio::spawn(relay(&env, cfg.clone()).run(token.clone()));
@@ -299,4 +309,53 @@ async fn a_rolled_back_fast_transaction_publishes_nothing() {
         (outbox_depth(&env).await == 0).then_some(())
     })
     .await;
+}
+
+/// A writer that committed rows it meant to publish itself (the fast path) and died before it could.
+async fn write_and_die(env: &Env, events: &[Envelope<Job>]) {
+    let rows: Vec<storage::outbox::NewOutboxRow> = events
+        .iter()
+        .map(|e| storage::outbox::NewOutboxRow {
+            event_id: e.id,
+            aggregate: bus::Event::aggregate(&e.payload),
+            subject: Subject::OrderStatus.name().to_owned(),
+            headers: serde_json::json!({}),
+            payload: e.to_bytes(),
+        })
+        .collect();
+    let mut conn = env.pool.get().await.unwrap();
+    let written = storage::outbox::insert_all(&mut conn, &rows, &[], true).await.unwrap();
+    assert!(written.iter().all(|w| w.fast), "{written:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn relays_leave_a_writers_rows_to_it_and_sweep_them_once_they_are_older_than_sweep_after() {
+    let env = Env::new().await;
+    let subject = env.topology().subject(Subject::OrderStatus);
+    let stream = env.topology().stream_of(Subject::OrderStatus);
+    write_and_die(&env, &[job("agg", 0, Mode::Succeed), job("agg", 1, Mode::Succeed)]).await;
+    // Rows for the relays: one of another aggregate, and one behind the writer's rows.
+    write(&env, &[job("other", 0, Mode::Succeed)]).await;
+    write(&env, &[job("agg", 2, Mode::Succeed)]).await;
+
+    // A relay that still leaves the writer its rows takes only the other aggregate's.
+    let patient = relay(&env, OutboxConfig { sweep_after: Duration::from_secs(3600), ..Default::default() });
+    assert_eq!(patient.drain().await.unwrap(), 1);
+    assert_eq!(env.stream_count(&stream).await, 1);
+    assert_eq!(outbox_depth(&env).await, 3, "the writer's rows and the one behind them wait");
+
+    // Once they are older than sweep_after, the relays publish them, in the aggregate's order, once each.
+    let sweeping = relay(&env, OutboxConfig { sweep_after: Duration::from_millis(200), ..Default::default() });
+    testkit::eventually(Duration::from_secs(5), "the dead writer's rows swept", || async {
+        sweeping.drain().await.unwrap();
+        (outbox_depth(&env).await == 0).then_some(())
+    })
+    .await;
+    let messages = env.read_all(&subject, 4).await;
+    let agg: Vec<_> = messages
+        .iter()
+        .filter(|m| Envelope::<Job>::decode(&m.payload).unwrap().payload.aggregate == "agg")
+        .cloned()
+        .collect();
+    assert_in_order_exactly_once(&agg, 1, 3);
 }

@@ -65,20 +65,28 @@ pub struct Written {
     pub id: i64,
     #[diesel(sql_type = SqlUuid)]
     pub event_id: Uuid,
-    /// No older row of its aggregate was in the outbox when it was written: once its transaction commits, the
-    /// writer may publish it at once without overtaking an earlier event of the aggregate. Writers of one aggregate
-    /// hold its row lock (see [`claim_batch`]), so an earlier transaction's rows are committed and visible here
-    /// until they are published and deleted.
+    /// The writer publishes this row itself once its transaction commits, and the relays leave it alone for
+    /// `sweep_after` (see [`claim_batch`]). True when the writer asked for it, no older row of its aggregate was in
+    /// the outbox (not counting the `published` ones), and the same holds for every row before it in the call: a
+    /// row published at once cannot overtake an earlier event of its aggregate. Writers of one aggregate hold its
+    /// row lock (see the processors), so an earlier transaction's rows are committed and visible here until they
+    /// are published and deleted.
     #[diesel(sql_type = diesel::sql_types::Bool)]
-    pub head: bool,
+    pub fast: bool,
 }
 
-/// Writes `rows` in one statement (in the caller's transaction), in their order, and says which are heads of their
-/// aggregate, not counting rows in `published` (already stored by JetStream, not yet deleted). A row whose event is
-/// already in the outbox (the same fact announced again, say a replayed report, while the first is still waiting)
-/// is skipped and missing from the answer: that event is on its way already. One fixed SQL text whatever the
-/// number of rows, so the statement is prepared once per connection.
-pub async fn insert_all(conn: &mut Conn, rows: &[NewOutboxRow], published: &[i64]) -> Result<Vec<Written>> {
+/// Writes `rows` in one statement (in the caller's transaction), in their order, and says which the writer
+/// publishes itself (`writer_publishes`; see [`Written::fast`]); `published` are rows already stored by JetStream,
+/// not yet deleted. A row whose event is already in the outbox (the same fact announced again, say a replayed
+/// report, while the first is still waiting) is skipped and missing from the answer: that event is on its way
+/// already, and the rows after it are left to the relays. One fixed SQL text whatever the number of rows, so the
+/// statement is prepared once per connection.
+pub async fn insert_all(
+    conn: &mut Conn,
+    rows: &[NewOutboxRow],
+    published: &[i64],
+    writer_publishes: bool,
+) -> Result<Vec<Written>> {
     if rows.is_empty() {
         return Ok(Vec::new());
     }
@@ -87,24 +95,29 @@ pub async fn insert_all(conn: &mut Conn, rows: &[NewOutboxRow], published: &[i64
     let subjects: Vec<&str> = rows.iter().map(|r| r.subject.as_str()).collect();
     let headers: Vec<&serde_json::Value> = rows.iter().map(|r| &r.headers).collect();
     let payloads: Vec<&[u8]> = rows.iter().map(|r| r.payload.as_slice()).collect();
-    // The head test runs on the statement's snapshot: it sees committed rows and this transaction's earlier
-    // statements, not the rows this statement inserts (those are published in id order by the writer anyway).
+    // The tests run on the statement's snapshot: committed rows and this transaction's earlier statements, not the
+    // rows this statement inserts (those the writer publishes in id order anyway). `bool_and … OVER` carries a row
+    // left to the relays to every row after it.
     Ok(prepared(
         diesel::sql_query(
-            "INSERT INTO outbox (event_id, aggregate, subject, headers, payload) \
-             SELECT e, a, s, h, p FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::bytea[]) \
-                  WITH ORDINALITY AS u(e, a, s, h, p, n) ORDER BY n \
+            "INSERT INTO outbox (event_id, aggregate, subject, headers, payload, fast) \
+             SELECT e, a, s, h, p, $7 AND bool_and(free) OVER (ORDER BY n) FROM ( \
+                 SELECT e, a, s, h, p, n, \
+                        NOT EXISTS (SELECT 1 FROM outbox o WHERE o.aggregate = u.a AND o.id <> ALL($6)) \
+                        AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = u.e) AS free \
+                 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::bytea[]) \
+                      WITH ORDINALITY AS u(e, a, s, h, p, n)) x \
+             ORDER BY n \
              ON CONFLICT (event_id) DO NOTHING \
-             RETURNING id, event_id, \
-                  NOT EXISTS (SELECT 1 FROM outbox o WHERE o.aggregate = outbox.aggregate AND o.id < outbox.id \
-                                AND o.id <> ALL($6)) AS head",
+             RETURNING id, event_id, fast",
         )
         .bind::<Array<SqlUuid>, _>(event_ids)
         .bind::<Array<Text>, _>(aggregates)
         .bind::<Array<Text>, _>(subjects)
         .bind::<Array<Jsonb>, _>(headers)
         .bind::<Array<Bytea>, _>(payloads)
-        .bind::<Array<BigInt>, _>(published),
+        .bind::<Array<BigInt>, _>(published)
+        .bind::<diesel::sql_types::Bool, _>(writer_publishes),
     )
     .load(conn)
     .await?)
@@ -118,26 +131,38 @@ pub async fn insert_all(conn: &mut Conn, rows: &[NewOutboxRow], published: &[i64
 /// the same aggregate at the same time. Rows come back in id order: for one aggregate, that is commit order,
 /// because writers of one aggregate hold its row lock while they write (see the processors).
 ///
+/// A head its writer publishes itself ([`Written::fast`]) is left alone until it is older than `sweep_after`, and
+/// with it the rest of its aggregate: relays sweep what writers missed, they do not race them. (Without this,
+/// relays polling a busy outbox published about half of all rows a second time, for JetStream to drop.)
+///
 /// Cost grows with the batch, not the backlog: heads are looked for only among the oldest `rows` rows (walking the
 /// primary key and probing `outbox_aggregate_id` for an older row of the same aggregate, stopping after `aggregates`
 /// heads), and the batch's rows are read through the same index. Without that bound, a backlog of few aggregates
 /// made the walk cover every row to find more heads: `EXPLAIN ANALYZE` at 20,000 rows of 64 aggregates, 42.7 ms,
 /// now 2.2 ms; 2,000 rows of 64 aggregates 2.9 → 2.1 ms; 10,000 rows of 10,000 aggregates 1.2 ms either way. A head
 /// beyond the oldest `rows` rows waits for a later claim, which only happens while older rows are being published.
-pub async fn claim_batch(conn: &mut Conn, aggregates: i64, rows: i64) -> Result<Vec<OutboxRow>> {
+pub async fn claim_batch(
+    conn: &mut Conn,
+    aggregates: i64,
+    rows: i64,
+    sweep_after: std::time::Duration,
+) -> Result<Vec<OutboxRow>> {
+    let sweep_after_ms = i64::try_from(sweep_after.as_millis()).unwrap_or(i64::MAX);
     Ok(prepared(
         diesel::sql_query(
             "WITH oldest AS (SELECT id FROM outbox ORDER BY id LIMIT $2), \
              mine AS ( \
              SELECT o.aggregate FROM outbox o JOIN oldest USING (id) \
              WHERE NOT EXISTS (SELECT 1 FROM outbox p WHERE p.aggregate = o.aggregate AND p.id < o.id) \
+               AND (NOT o.fast OR o.create_time < clock_timestamp() - $3 * interval '1 millisecond') \
              ORDER BY o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED \
          ) \
          SELECT id, event_id, aggregate, subject, headers, payload, create_time FROM outbox \
          WHERE aggregate = ANY(ARRAY(SELECT aggregate FROM mine)) ORDER BY id LIMIT $2",
         )
         .bind::<BigInt, _>(aggregates)
-        .bind::<BigInt, _>(rows),
+        .bind::<BigInt, _>(rows)
+        .bind::<BigInt, _>(sweep_after_ms),
     )
     .load(conn)
     .await?)

@@ -152,6 +152,7 @@ diesel::table! {
         headers -> Jsonb,
         payload -> Bytea,
         create_time -> Timestamptz,
+        fast -> Bool,
     }
 }
 

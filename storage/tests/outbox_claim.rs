@@ -22,7 +22,12 @@ async fn write(conn: &mut Conn, aggregate: &str) {
 }
 
 async fn claim(conn: &mut Conn, aggregates: i64, rows: i64) -> Vec<(String, i64)> {
-    outbox::claim_batch(conn, aggregates, rows).await.unwrap().into_iter().map(|r| (r.aggregate, r.id)).collect()
+    outbox::claim_batch(conn, aggregates, rows, std::time::Duration::from_secs(5))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.aggregate, r.id))
+        .collect()
 }
 
 fn of(rows: &[(String, i64)], aggregate: &str) -> Vec<i64> {
