@@ -40,7 +40,7 @@ fn m() -> &'static Metrics {
             &["consumer"],
         )
         .unwrap();
-        let outbox_depth = IntGauge::new("outbox_depth", "Outbox rows not yet published").unwrap();
+        let outbox_depth = IntGauge::new("outbox_depth", "Outbox rows not yet published (counted up to 100,000)").unwrap();
         let outbox_oldest =
             Gauge::new("outbox_oldest_age_seconds", "Age of the oldest unpublished outbox row (0 when empty)").unwrap();
         let outbox_relayed =
