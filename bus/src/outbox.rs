@@ -153,7 +153,7 @@ impl Outbox {
                 }
                 let published: Vec<i64> = acked.lock().iter().take(DELETE_BATCH).copied().collect();
                 let written = table::insert_all(c, &events_ref.rows, &published, true).await?;
-                if written.len() < events_ref.rows.len() || written.iter().any(|w| !w.fast) {
+                if written.iter().any(|w| !w.fast) {
                     // An earlier event of the aggregate is still on its way: the relays publish this one after it.
                     table::wake_relays(c).await?;
                 }
@@ -171,8 +171,7 @@ impl Outbox {
         let mut written: std::collections::HashMap<uuid::Uuid, table::Written> =
             written.into_iter().map(|w| (w.event_id, w)).collect();
         for row in rows {
-            // Not written: the same event was already in the outbox, on its way (see `insert_all`); what follows may
-            // belong to the same aggregate, so it is left to the relays too.
+            // RETURNING promises no order: match by event id (a row missing from it is left to the relays).
             let Some(w) = written.remove(&row.event_id) else { break };
             if !w.fast {
                 // An earlier event of its aggregate is still on its way; so are, by construction, the rows after it.

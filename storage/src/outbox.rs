@@ -77,10 +77,9 @@ pub struct Written {
 
 /// Writes `rows` in one statement (in the caller's transaction), in their order, and says which the writer
 /// publishes itself (`writer_publishes`; see [`Written::fast`]); `published` are rows already stored by JetStream,
-/// not yet deleted. A row whose event is already in the outbox (the same fact announced again, say a replayed
-/// report, while the first is still waiting) is skipped and missing from the answer: that event is on its way
-/// already, and the rows after it are left to the relays. One fixed SQL text whatever the number of rows, so the
-/// statement is prepared once per connection.
+/// not yet deleted. The same event may be written again while the first is still waiting (a replayed report): it
+/// is behind the first, so the relays publish it after it, with the same `Nats-Msg-Id`, and JetStream drops it.
+/// One fixed SQL text whatever the number of rows, so the statement is prepared once per connection.
 pub async fn insert_all(
     conn: &mut Conn,
     rows: &[NewOutboxRow],
@@ -103,12 +102,10 @@ pub async fn insert_all(
             "INSERT INTO outbox (event_id, aggregate, subject, headers, payload, fast) \
              SELECT e, a, s, h, p, $7 AND bool_and(free) OVER (ORDER BY n) FROM ( \
                  SELECT e, a, s, h, p, n, \
-                        NOT EXISTS (SELECT 1 FROM outbox o WHERE o.aggregate = u.a AND o.id <> ALL($6)) \
-                        AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = u.e) AS free \
+                        NOT EXISTS (SELECT 1 FROM outbox o WHERE o.aggregate = u.a AND o.id <> ALL($6)) AS free \
                  FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::bytea[]) \
                       WITH ORDINALITY AS u(e, a, s, h, p, n)) x \
              ORDER BY n \
-             ON CONFLICT (event_id) DO NOTHING \
              RETURNING id, event_id, fast",
         )
         .bind::<Array<SqlUuid>, _>(event_ids)
