@@ -11,6 +11,7 @@ struct Metrics {
     lag_seconds: HistogramVec,
     outbox_depth: IntGauge,
     outbox_oldest: Gauge,
+    outbox_parked: IntGauge,
     outbox_relayed: IntCounterVec,
 }
 
@@ -43,6 +44,11 @@ fn m() -> &'static Metrics {
         let outbox_depth = IntGauge::new("outbox_depth", "Outbox rows not yet published (counted up to 100,000)").unwrap();
         let outbox_oldest =
             Gauge::new("outbox_oldest_age_seconds", "Age of the oldest unpublished outbox row (0 when empty)").unwrap();
+        let outbox_parked = IntGauge::new(
+            "outbox_parked",
+            "Outbox rows NATS refused for good, parked until retried (paystream outbox parked)",
+        )
+        .unwrap();
         let outbox_relayed =
             IntCounterVec::new(Opts::new("outbox_relayed_total", "Outbox rows published and deleted, by subject"), &["subject"])
                 .unwrap();
@@ -53,11 +59,21 @@ fn m() -> &'static Metrics {
             Box::new(lag_seconds.clone()),
             Box::new(outbox_depth.clone()),
             Box::new(outbox_oldest.clone()),
+            Box::new(outbox_parked.clone()),
             Box::new(outbox_relayed.clone()),
         ] {
             r.register(c).expect("bus metrics are registered once");
         }
-        Metrics { published, consumed, handler_seconds, lag_seconds, outbox_depth, outbox_oldest, outbox_relayed }
+        Metrics {
+            published,
+            consumed,
+            handler_seconds,
+            lag_seconds,
+            outbox_depth,
+            outbox_oldest,
+            outbox_parked,
+            outbox_relayed,
+        }
     })
 }
 
@@ -99,9 +115,10 @@ pub(crate) fn lag_seconds(consumer: &str, secs: f64) {
     m().lag_seconds.with_label_values(&[consumer]).observe(secs.max(0.0));
 }
 
-pub(crate) fn outbox(depth: i64, oldest_age_seconds: f64) {
+pub(crate) fn outbox(depth: i64, oldest_age_seconds: f64, parked: i64) {
     m().outbox_depth.set(depth);
     m().outbox_oldest.set(oldest_age_seconds);
+    m().outbox_parked.set(parked);
 }
 
 pub(crate) fn relayed(subject: &str, n: u64) {

@@ -277,19 +277,41 @@ impl Relay {
                 // Send everything first, then collect the acks: one round trip per batch instead of per row.
                 // Rows go out in id order on one connection, so JetStream stores each aggregate's events in order.
                 let mut pending = Vec::with_capacity(batch.len());
+                // Aggregates with a row NATS refused for good: that row is parked, the rest of the aggregate waits
+                // behind it (order holds), and the other aggregates of the batch go on.
+                let mut stopped: std::collections::HashSet<&str> = Default::default();
                 for row in &batch {
+                    if stopped.contains(row.aggregate.as_str()) {
+                        continue;
+                    }
                     let subject = publisher.topology().qualify(&row.subject);
-                    let ack =
-                        publisher.send(&subject, json_headers(&row.headers), Bytes::from(row.payload.clone())).await?;
-                    pending.push((row.subject.as_str(), ack));
+                    match publisher.send(&subject, json_headers(&row.headers), Bytes::from(row.payload.clone())).await {
+                        Ok(ack) => pending.push((row, ack)),
+                        Err(BusError::Nats(reason)) => {
+                            tracing::error!(
+                                outbox_id = row.id,
+                                event_id = %row.event_id,
+                                subject = %row.subject,
+                                aggregate = %row.aggregate,
+                                %reason,
+                                "NATS refuses this outbox row for good; parked (paystream outbox parked)"
+                            );
+                            table::park(c, row.id, &reason).await?;
+                            stopped.insert(row.aggregate.as_str());
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
-                for (subject, ack) in pending {
+                let mut ids = Vec::with_capacity(pending.len());
+                let mut subjects = Vec::with_capacity(pending.len());
+                for (row, ack) in pending {
                     let ack = ack.await.map_err(crate::publisher::publish_error)?;
-                    metrics::published(subject, ack.duplicate);
+                    metrics::published(&row.subject, ack.duplicate);
+                    ids.push(row.id);
+                    subjects.push(row.subject.clone());
                 }
-                let ids: Vec<i64> = batch.iter().map(|r| r.id).collect();
                 table::delete(c, &ids).await?;
-                Ok(batch.into_iter().map(|r| r.subject).collect())
+                Ok(subjects)
             })
             .await?;
         if !published.is_empty() {
@@ -363,7 +385,7 @@ impl Relay {
     async fn report_depth(&self) {
         let Ok(mut conn) = self.pool.get().await else { return };
         if let Ok(s) = table::stats(&mut conn).await {
-            metrics::outbox(s.depth, s.oldest_age_seconds);
+            metrics::outbox(s.depth, s.oldest_age_seconds, s.parked);
         }
     }
 }

@@ -311,18 +311,19 @@ async fn a_rolled_back_fast_transaction_publishes_nothing() {
     .await;
 }
 
+fn row_of(e: &Envelope<Job>) -> storage::outbox::NewOutboxRow {
+    storage::outbox::NewOutboxRow {
+        event_id: e.id,
+        aggregate: bus::Event::aggregate(&e.payload),
+        subject: Subject::OrderStatus.name().to_owned(),
+        headers: serde_json::json!({}),
+        payload: e.to_bytes(),
+    }
+}
+
 /// A writer that committed rows it meant to publish itself (the fast path) and died before it could.
 async fn write_and_die(env: &Env, events: &[Envelope<Job>]) {
-    let rows: Vec<storage::outbox::NewOutboxRow> = events
-        .iter()
-        .map(|e| storage::outbox::NewOutboxRow {
-            event_id: e.id,
-            aggregate: bus::Event::aggregate(&e.payload),
-            subject: Subject::OrderStatus.name().to_owned(),
-            headers: serde_json::json!({}),
-            payload: e.to_bytes(),
-        })
-        .collect();
+    let rows: Vec<storage::outbox::NewOutboxRow> = events.iter().map(row_of).collect();
     let mut conn = env.pool.get().await.unwrap();
     let written = storage::outbox::insert_all(&mut conn, &rows, &[], true).await.unwrap();
     assert!(written.iter().all(|w| w.fast), "{written:?}");
@@ -358,4 +359,47 @@ async fn relays_leave_a_writers_rows_to_it_and_sweep_them_once_they_are_older_th
         .cloned()
         .collect();
     assert_in_order_exactly_once(&agg, 1, 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_nats_refuses_is_parked_its_aggregate_waits_behind_it_and_the_others_flow() {
+    let env = Env::new().await;
+    let subject = env.topology().subject(Subject::OrderStatus);
+    let stream = env.topology().stream_of(Subject::OrderStatus);
+    // An event larger than the server's max_payload (1 MiB), then the next event of its aggregate and another
+    // aggregate's, all for the relays.
+    let mut poison = row_of(&job("agg", 0, Mode::Succeed));
+    poison.payload = vec![b' '; 2 << 20];
+    let mut conn = env.pool.get().await.unwrap();
+    storage::outbox::insert_all(&mut conn, &[poison.clone()], &[], false).await.unwrap();
+    drop(conn);
+    write(&env, &[job("agg", 1, Mode::Succeed)]).await;
+    write(&env, &[job("other", 0, Mode::Succeed)]).await;
+
+    let relay = relay(&env, OutboxConfig::default());
+    assert_eq!(relay.drain().await.unwrap(), 1, "the other aggregate's event goes; nothing fails the batch");
+    let messages = env.read_all(&subject, 1).await;
+    assert_eq!(Envelope::<Job>::decode(&messages[0].payload).unwrap().payload.aggregate, "other");
+    assert_eq!(env.stream_count(&stream).await, 1);
+
+    let mut conn = env.pool.get().await.unwrap();
+    let parked = storage::outbox::parked(&mut conn).await.unwrap();
+    assert_eq!(parked.len(), 1);
+    assert_eq!((parked[0].event_id, parked[0].aggregate.as_str()), (poison.event_id, "agg"));
+    assert!(parked[0].reason.contains("max payload"), "{}", parked[0].reason);
+    assert_eq!((parked[0].payload_bytes, parked[0].waiting_behind), (2 << 20, 1), "agg's next event waits behind it");
+    let stats = storage::outbox::stats(&mut conn).await.unwrap();
+    assert_eq!((stats.depth, stats.parked), (2, 1));
+    // Relays keep skipping the aggregate: its order holds.
+    assert_eq!(relay.drain().await.unwrap(), 0);
+    assert_eq!(env.stream_count(&stream).await, 1);
+
+    // Retried (after a fix elsewhere), the relays try it again; still too large, it is parked again.
+    assert_eq!(storage::outbox::unpark(&mut conn, None).await.unwrap(), 1);
+    assert!(storage::outbox::parked(&mut conn).await.unwrap().is_empty());
+    assert_eq!(relay.drain().await.unwrap(), 0);
+    let again = storage::outbox::parked(&mut conn).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert!(again[0].parked_at >= parked[0].parked_at);
+    assert_eq!(env.stream_count(&stream).await, 1);
 }

@@ -128,6 +128,8 @@ pub async fn insert_all(
 /// the same aggregate at the same time. Rows come back in id order: for one aggregate, that is commit order,
 /// because writers of one aggregate hold its row lock while they write (see the processors).
 ///
+/// An aggregate whose head is parked ([`park`]) is skipped: its later rows wait behind the parked one.
+///
 /// A head its writer publishes itself ([`Written::fast`]) is left alone until it is older than `sweep_after`, and
 /// with it the rest of its aggregate: relays sweep what writers missed, they do not race them. (Without this,
 /// relays polling a busy outbox published about half of all rows a second time, for JetStream to drop.)
@@ -151,6 +153,7 @@ pub async fn claim_batch(
              mine AS ( \
              SELECT o.aggregate FROM outbox o JOIN oldest USING (id) \
              WHERE NOT EXISTS (SELECT 1 FROM outbox p WHERE p.aggregate = o.aggregate AND p.id < o.id) \
+               AND o.parked_at IS NULL \
                AND (NOT o.fast OR o.create_time < clock_timestamp() - $3 * interval '1 millisecond') \
              ORDER BY o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED \
          ) \
@@ -179,6 +182,9 @@ pub struct OutboxStats {
     /// Age of the oldest unpublished row, 0 when empty.
     #[diesel(sql_type = Double)]
     pub oldest_age_seconds: f64,
+    /// Rows parked because NATS refused them for good ([`park`]).
+    #[diesel(sql_type = BigInt)]
+    pub parked: i64,
 }
 
 /// [`stats`] counts at most this many rows: enough to tell a backlog, and bounded work for a gauge.
@@ -191,11 +197,87 @@ pub async fn stats(conn: &mut Conn) -> Result<OutboxStats> {
     Ok(prepared(
         diesel::sql_query(
             "SELECT count(*)::int8 AS depth, \
-                    coalesce(extract(epoch FROM clock_timestamp() - min(create_time)), 0)::float8 AS oldest_age_seconds \
+                    coalesce(extract(epoch FROM clock_timestamp() - min(create_time)), 0)::float8 AS oldest_age_seconds, \
+                    (SELECT count(*) FROM outbox WHERE parked_at IS NOT NULL)::int8 AS parked \
              FROM (SELECT create_time FROM outbox ORDER BY id LIMIT $1) t",
         )
         .bind::<BigInt, _>(STATS_COUNT_LIMIT),
     )
     .get_result(conn)
     .await?)
+}
+
+/// Parks a row NATS refused for good (in the claiming transaction): relays skip its aggregate until it is retried.
+pub async fn park(conn: &mut Conn, id: i64, reason: &str) -> Result<()> {
+    prepared(
+        diesel::update(ob::table.filter(ob::id.eq(id)))
+            .set((ob::parked_at.eq(diesel::dsl::now), ob::parked_reason.eq(reason))),
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// A parked row, for people.
+#[derive(Debug, Clone, Queryable)]
+pub struct ParkedRow {
+    pub id: i64,
+    pub event_id: Uuid,
+    pub aggregate: String,
+    pub subject: String,
+    pub payload_bytes: i32,
+    pub create_time: DateTime<Utc>,
+    pub parked_at: DateTime<Utc>,
+    pub reason: String,
+    /// Rows of the same aggregate waiting behind it.
+    pub waiting_behind: i64,
+}
+
+/// Parked rows, oldest first.
+pub async fn parked(conn: &mut Conn) -> Result<Vec<ParkedRow>> {
+    use diesel::dsl::sql;
+    use diesel::sql_types::Integer;
+    Ok(ob::table
+        .filter(ob::parked_at.is_not_null())
+        .order(ob::id)
+        .select((
+            ob::id,
+            ob::event_id,
+            ob::aggregate,
+            ob::subject,
+            sql::<Integer>("octet_length(payload)"),
+            ob::create_time,
+            ob::parked_at.assume_not_null(),
+            ob::parked_reason.assume_not_null(),
+            sql::<BigInt>(
+                "(SELECT count(*) FROM outbox b WHERE b.aggregate = outbox.aggregate AND b.id > outbox.id)::int8",
+            ),
+        ))
+        .load::<(i64, Uuid, String, String, i32, DateTime<Utc>, DateTime<Utc>, String, i64)>(conn)
+        .await?
+        .into_iter()
+        .map(|(id, event_id, aggregate, subject, payload_bytes, create_time, parked_at, reason, waiting_behind)| {
+            ParkedRow {
+                id,
+                event_id,
+                aggregate,
+                subject,
+                payload_bytes,
+                create_time,
+                parked_at,
+                reason,
+                waiting_behind,
+            }
+        })
+        .collect())
+}
+
+/// Unparks `ids` (all parked rows when `None`) so that the relays try them again; returns how many.
+pub async fn unpark(conn: &mut Conn, ids: Option<&[i64]>) -> Result<usize> {
+    let parked = ob::table.filter(ob::parked_at.is_not_null());
+    let clear = (ob::parked_at.eq(None::<DateTime<Utc>>), ob::parked_reason.eq(None::<String>));
+    Ok(match ids {
+        Some(ids) => diesel::update(parked.filter(ob::id.eq_any(ids))).set(clear).execute(conn).await?,
+        None => diesel::update(parked).set(clear).execute(conn).await?,
+    })
 }

@@ -153,6 +153,8 @@ diesel::table! {
         payload -> Bytea,
         create_time -> Timestamptz,
         fast -> Bool,
+        parked_at -> Nullable<Timestamptz>,
+        parked_reason -> Nullable<Text>,
     }
 }
 
