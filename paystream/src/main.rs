@@ -14,6 +14,7 @@ mod bench_pipeline;
 mod config;
 mod demo;
 mod dlq_cmd;
+mod outbox_cmd;
 mod roles;
 mod sandbox_cmd;
 
@@ -62,6 +63,8 @@ enum Command {
     Sandbox(sandbox_cmd::SandboxArgs),
     /// List dead letters, or republish them to their subject (consumers are idempotent).
     Dlq(dlq_cmd::DlqArgs),
+    /// Outbox rows NATS refused for good (parked by the relays): list them, or let the relays try them again.
+    Outbox(outbox_cmd::OutboxArgs),
     /// Walk one payment through a running system over HTTP and print each step.
     Demo(demo::DemoArgs),
     /// Benchmarks (not tests): figures next to a reference measured in the same run.
@@ -135,6 +138,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Demo(_) => ("paystream-demo", unused_sections(&[])?),
         Command::Dlq(_) => ("paystream-dlq", unused_sections(&[])?),
+        Command::Outbox(_) => ("paystream-outbox", unused_sections(&["migrate"])?),
         Command::Bench { .. } => ("paystream-bench", unused_sections(&[])?),
         Command::Sandbox(_) => unreachable!("handled above"),
     };
@@ -157,6 +161,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Demo(args) => demo::run(&cfg, args).await,
         Command::Dlq(args) => dlq_cmd::run(&cfg, args).await,
+        Command::Outbox(args) => outbox_cmd::run(&cfg, args).await,
         Command::Bench { which } => bench::run(&cfg, which).await,
         Command::Sandbox(_) => unreachable!("handled above"),
     }
