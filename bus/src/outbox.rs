@@ -33,7 +33,8 @@ use crate::{
 };
 
 /// Writes `env` to the outbox in the caller's transaction, for the relays: it is published after the transaction
-/// commits, by a relay. Paths where latency matters use [`Outbox::transaction`] instead.
+/// commits, by a relay; once, if the same event is already waiting there. Paths where latency matters use
+/// [`Outbox::transaction`] instead.
 pub async fn enqueue<E: Event>(conn: &mut Conn, env: &Envelope<E>) -> Result<(), StorageError> {
     table::insert(conn, &row_of(env)).await
 }

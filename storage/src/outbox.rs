@@ -45,9 +45,22 @@ pub struct OutboxRow {
     pub create_time: DateTime<Utc>,
 }
 
-/// Writes an event row in the caller's transaction, for the relays to publish; wakes them when it commits.
+/// Writes an event row in the caller's transaction, for the relays to publish, unless the same event is already
+/// waiting there (asked twice before the relays took it: a double tap); wakes the relays when it commits.
 pub async fn insert(conn: &mut Conn, row: &NewOutboxRow) -> Result<()> {
-    prepared(diesel::insert_into(ob::table).values(row)).execute(conn).await?;
+    prepared(
+        diesel::sql_query(
+            "INSERT INTO outbox (event_id, aggregate, subject, headers, payload) SELECT $1, $2, $3, $4, $5 \
+             WHERE NOT EXISTS (SELECT 1 FROM outbox WHERE aggregate = $2 AND event_id = $1)",
+        )
+        .bind::<SqlUuid, _>(row.event_id)
+        .bind::<Text, _>(&row.aggregate)
+        .bind::<Text, _>(&row.subject)
+        .bind::<Jsonb, _>(&row.headers)
+        .bind::<Bytea, _>(&row.payload),
+    )
+    .execute(conn)
+    .await?;
     wake_relays(conn).await
 }
 

@@ -358,7 +358,7 @@ pub async fn refund(
 ) -> ApiResult<RefundResp> {
     state.limits.check(Action::Refund, ip, Some(Who::User(user)))?;
     use bus::events::{RefundReason, RefundRequested};
-    use storage::{AsyncConnection as _, StorageError, refunds};
+    use storage::{AsyncConnection as _, refunds};
     let sn = order_sn(&req.sn)?;
     let now = Utc::now();
     let mut conn = state.conn().await?;
@@ -401,11 +401,9 @@ pub async fn refund(
                 reason: RefundReason::UserRequested,
                 amount: payment.total(),
             };
-            match bus::enqueue(c, &ask.envelope()).await {
-                // Asked a moment ago and not yet picked up: the same request (same event id) is already queued.
-                Ok(()) | Err(StorageError::Conflict { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
+            // Asked a moment ago and not yet picked up: the same request (same event id) is already queued, and
+            // enqueue writes it once.
+            bus::enqueue(c, &ask.envelope()).await?;
             Ok(RefundResp { order_sn: sn.to_string(), refund_state: "requested", refund_total: payment.pay_total })
         })
         .await?;
