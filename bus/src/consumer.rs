@@ -448,9 +448,9 @@ impl<H: Handler> Ctx<H> {
                 metrics::consumed(name, Outcome::Dlq);
             }
             Err(e) => {
-                tracing::warn!(consumer = name, error = %e, "dead-letter publish failed; message will come back");
+                tracing::error!(consumer = name, error = %e, %reason, "dead-letter publish failed; message will come back");
                 let _ = msg.ack_with(AckKind::Nak(Some(self.spec.config.retry_delay(delivery.delivered)))).await;
-                metrics::consumed(name, Outcome::Nak);
+                metrics::consumed(name, Outcome::DlqFailed);
             }
         }
     }

@@ -89,6 +89,8 @@ pub enum Outcome {
     Nak,
     Term,
     Dlq,
+    /// A dead letter could not be stored (the DLQ stream unavailable): the message was nak'ed and comes back.
+    DlqFailed,
 }
 
 impl Outcome {
@@ -99,6 +101,7 @@ impl Outcome {
             Outcome::Nak => "nak",
             Outcome::Term => "term",
             Outcome::Dlq => "dlq",
+            Outcome::DlqFailed => "dlq_failed",
         }
     }
 }
@@ -135,7 +138,7 @@ pub fn register() {
 
 /// Shows a consumer's outcome series at zero from its start.
 pub(crate) fn register_consumer(consumer: &str) {
-    for o in [Outcome::Ack, Outcome::Duplicate, Outcome::Nak, Outcome::Term, Outcome::Dlq] {
+    for o in [Outcome::Ack, Outcome::Duplicate, Outcome::Nak, Outcome::Term, Outcome::Dlq, Outcome::DlqFailed] {
         m().consumed.with_label_values(&[consumer, o.as_str()]);
     }
 }

@@ -357,6 +357,16 @@ async fn a_dead_letter_that_cannot_be_stored_is_retried_until_it_is() {
         (info.num_redelivered >= 1 && info.ack_floor.stream_sequence == 0).then_some(())
     })
     .await;
+    // Meanwhile the metric behind PaystreamDeadLetterNotStored counts it.
+    let failed = format!("paystream_events_consumed_total{{consumer=\"{NAME}\",outcome=\"dlq_failed\"}} ");
+    let metrics = observability::render_metrics();
+    let count: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(failed.as_str()))
+        .unwrap_or_else(|| panic!("{failed} missing from\n{metrics}"))
+        .parse()
+        .unwrap();
+    assert!(count >= 1.0, "{failed}{count}");
     // The stream is back: the next delivery stores the dead letter and ends the message.
     env.topology().ensure_streams(&env.js).await.unwrap();
     let dead = dead_letters(&env, 1).await;
