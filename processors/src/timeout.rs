@@ -125,7 +125,17 @@ pub struct CloseReport {
     pub payment_changed: usize,
     /// No longer waiting when locked (closed by another replica, or moved on): nothing to do.
     pub already_settled: usize,
+    /// Orders waiting for a person after this pass (all of them, not only this pass's): see [`ATTENTION_AFTER`].
+    pub attention: i64,
 }
+
+/// After this many closing attempts refused for a reason that is not an outage (WeChat says paid but the payment
+/// path does not complete the order, WeChat refuses the close, the open payment keeps changing), an order waits for
+/// a person (`paystream attention list`) and leaves the passes. With the growing delays between attempts
+/// (`timeout.interval`, doubled each time, at most [`MAX_RETRY_DELAY`]) that is about five minutes of trying.
+pub const ATTENTION_AFTER: i32 = 6;
+/// The longest wait between two attempts to close one order.
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(600);
 
 impl CloseReport {
     /// Orders left for a later pass.
@@ -222,36 +232,83 @@ impl TimeoutCloser {
         };
         let mut report = CloseReport { due: due.len(), ..Default::default() };
         for order in due {
-            // The connection goes back to the pool before WeChat is called: never hold one across a remote call.
-            let open = {
-                let mut conn = self.pool.get().await?;
-                payments::find_open_for_order(&mut conn, &order.sn()).await?
+            let sn = order.sn();
+            let reason = match self.close_one(&order, &mut report).await? {
+                None => continue,
+                Some(reason) => reason,
             };
-            if let Some(p) = &open {
-                match self.close_at_wechat(&p.sn).await {
-                    AtWechat::Closed => {}
-                    AtWechat::Paid => {
-                        skipped(&mut report, "paid_meanwhile");
-                        continue;
-                    }
-                    AtWechat::Skip(reason) => {
-                        skipped(&mut report, reason);
-                        continue;
-                    }
+            skipped(&mut report, reason);
+            self.defer(&sn, reason, now).await?;
+        }
+        report.attention = {
+            let mut conn = self.pool.get().await?;
+            orders::attention_count(&mut conn).await?
+        };
+        m().attention.set(report.attention);
+        Ok(report)
+    }
+
+    /// Remembers that `sn` could not be closed: the next attempt waits longer each time, and past
+    /// [`ATTENTION_AFTER`] attempts refused for a reason that is not an outage, the order waits for a person.
+    async fn defer(&self, sn: &OrderSn, reason: &'static str, now: DateTime<Utc>) -> Result<(), StorageError> {
+        let base = chrono::TimeDelta::from_std(self.cfg.interval).unwrap_or(chrono::TimeDelta::seconds(5));
+        let cap = chrono::TimeDelta::from_std(MAX_RETRY_DELAY).expect("a small constant");
+        let delay = |attempts: i32| (base * 2i32.saturating_pow(attempts.clamp(1, 20) as u32 - 1)).min(cap);
+        let mut conn = self.pool.get().await?;
+        let attempts = orders::close_deferred(&mut conn, sn, reason, now, delay).await?;
+        let outage = matches!(reason, "wechat_unavailable" | "publish_failed");
+        if attempts >= ATTENTION_AFTER && !outage {
+            let why = match reason {
+                "paid_meanwhile" => format!(
+                    "WeChat says this order's payment was paid (or refunded), but the payment path has not completed \
+                     it after {attempts} closing attempts: look for its report in `paystream dlq list --consumer payment`"
+                ),
+                "payment_changed" => {
+                    format!("its open payment kept changing during {attempts} closing attempts")
                 }
-            }
-            let expected = open.map(|p| p.sn());
-            match self.close_locally(&order.sn(), expected.as_ref()).await? {
-                Local::Closed => {
-                    report.closed += 1;
-                    m().closed.inc();
-                }
-                Local::PaidMeanwhile => skipped(&mut report, "paid_meanwhile"),
-                Local::PaymentChanged => skipped(&mut report, "payment_changed"),
-                Local::AlreadySettled => report.already_settled += 1,
+                _ => format!(
+                    "WeChat refused to close its transaction {attempts} times and its query did not settle it (see \
+                     the lifecycle role's logs for WeChat's answer)"
+                ),
+            };
+            tracing::error!(order = %sn, attempts, reason, "order needs a person; left out of the timeout passes");
+            orders::needs_attention(&mut conn, sn, &why, now).await?;
+        }
+        Ok(())
+    }
+
+    /// Closes one due order, or says why not (a skip reason).
+    async fn close_one(
+        &self,
+        order: &orders::OrderRow,
+        report: &mut CloseReport,
+    ) -> Result<Option<&'static str>, StorageError> {
+        // The connection goes back to the pool before WeChat is called: never hold one across a remote call.
+        let open = {
+            let mut conn = self.pool.get().await?;
+            payments::find_open_for_order(&mut conn, &order.sn()).await?
+        };
+        if let Some(p) = &open {
+            match self.close_at_wechat(&p.sn).await {
+                AtWechat::Closed => {}
+                AtWechat::Paid => return Ok(Some("paid_meanwhile")),
+                AtWechat::Skip(reason) => return Ok(Some(reason)),
             }
         }
-        Ok(report)
+        let expected = open.map(|p| p.sn());
+        match self.close_locally(&order.sn(), expected.as_ref()).await? {
+            Local::Closed => {
+                report.closed += 1;
+                m().closed.inc();
+                Ok(None)
+            }
+            Local::PaidMeanwhile => Ok(Some("paid_meanwhile")),
+            Local::PaymentChanged => Ok(Some("payment_changed")),
+            Local::AlreadySettled => {
+                report.already_settled += 1;
+                Ok(None)
+            }
+        }
     }
 
     async fn close_at_wechat(&self, sn: &str) -> AtWechat {
@@ -391,6 +448,7 @@ fn skipped(report: &mut CloseReport, reason: &'static str) {
 struct Metrics {
     closed: IntCounter,
     skipped: IntCounterVec,
+    attention: prometheus::IntGauge,
 }
 
 fn m() -> &'static Metrics {
@@ -407,13 +465,19 @@ fn m() -> &'static Metrics {
             &["reason"],
         )
         .unwrap();
+        let attention = prometheus::IntGauge::new(
+            "orders_needing_attention",
+            "Unpaid orders the timeout closer gave up on until a person looks at them (paystream attention list)",
+        )
+        .unwrap();
         let r = observability::registry();
         r.register(Box::new(closed.clone())).expect("timeout metrics are registered once");
         r.register(Box::new(skipped.clone())).expect("timeout metrics are registered once");
+        r.register(Box::new(attention.clone())).expect("timeout metrics are registered once");
         for reason in ["paid_meanwhile", "wechat_unavailable", "wechat_error", "publish_failed", "payment_changed"] {
             skipped.with_label_values(&[reason]);
         }
-        Metrics { closed, skipped }
+        Metrics { closed, skipped, attention }
     })
 }
 

@@ -322,10 +322,58 @@ async fn a_failing_wechat_close_is_skipped_and_retried_on_the_next_pass() {
     assert_eq!(state(&env, &b).await, (PayStatus::Waiting, TradeState::WaitPay));
     assert_eq!(env.wechat_state(&b).await, "NOTPAY");
     assert_eq!(env.outbox_len().await, 0, "nothing announced for an order that was not closed");
-    let second = closer.close_due(past(&b)).await.unwrap();
+    // Not at once: the next attempt waits timeout.interval (doubling with each failed attempt).
+    assert_eq!(closer.close_due(past(&b)).await.unwrap(), CloseReport::default());
+    let second = closer.close_due(past(&b) + TimeDelta::seconds(5)).await.unwrap();
     assert_eq!(second, CloseReport { due: 1, closed: 1, ..Default::default() });
     assert_eq!(state(&env, &b).await, (PayStatus::Closed, TradeState::Cancelled));
     assert_eq!(env.wechat_state(&b).await, "CLOSED");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_order_the_payment_path_never_completes_goes_to_a_person_and_no_longer_takes_a_pass() {
+    use processors::timeout::ATTENTION_AFTER;
+    let env = Env::new().await;
+    let stuck = book(&env).await;
+    // Paid at WeChat, but the payment path never completes it (no payment processor runs here; in production it
+    // dead-letters the report: another amount, another merchant, a refund made on the merchant platform).
+    env.control.pay(stuck.payment.as_str(), "SUCCESS").await.unwrap();
+    let closer = TimeoutCloser::new(
+        env.pool.clone(),
+        env.publisher.clone(),
+        env.pay.clone(),
+        TimeoutConfig { batch: 1, ..TimeoutConfig::default() },
+    );
+    let mut now = past(&stuck);
+    for attempt in 1..=ATTENTION_AFTER {
+        let r = closer.close_due(now).await.unwrap();
+        assert_eq!((r.due, r.paid_meanwhile), (1, 1), "attempt {attempt}: {r:?}");
+        // WeChat is not asked again before the attempt's delay has passed.
+        assert_eq!(closer.close_due(now).await.unwrap().due, 0, "after attempt {attempt}");
+        now += TimeDelta::from_std(processors::timeout::MAX_RETRY_DELAY).unwrap();
+    }
+    let r = closer.close_due(now).await.unwrap();
+    assert_eq!((r.due, r.attention), (0, 1), "{r:?}");
+    let waiting = storage::orders::attention(&mut *env.conn().await).await.unwrap();
+    assert_eq!(waiting.len(), 1);
+    assert_eq!((waiting[0].sn.as_str(), waiting[0].attempts), (stuck.order.as_str(), ATTENTION_AFTER));
+    assert!(waiting[0].reason.contains("payment path has not completed it"), "{}", waiting[0].reason);
+    assert_eq!(
+        state(&env, &stuck).await,
+        (PayStatus::Waiting, TradeState::WaitPay),
+        "nothing closed with money at WeChat"
+    );
+
+    // Another order past its deadline gets the pass's only slot.
+    let other = book(&env).await;
+    let r = closer.close_due(now.max(past(&other))).await.unwrap();
+    assert_eq!((r.due, r.closed, r.attention), (1, 1, 1), "{r:?}");
+
+    // A person looked (and, say, redrove the dead letter): the order is back in the passes.
+    assert!(storage::orders::resolve_attention(&mut *env.conn().await, &stuck.order).await.unwrap());
+    assert!(!storage::orders::resolve_attention(&mut *env.conn().await, &stuck.order).await.unwrap());
+    let r = closer.close_due(now).await.unwrap();
+    assert_eq!((r.due, r.paid_meanwhile, r.attention), (1, 1, 0), "{r:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -153,14 +153,18 @@ pub async fn count_unpaid(conn: &mut Conn, user: UserId) -> Result<i64> {
 /// with a payment already paid (or refunded) here are left out: the order processor owns those, and a batch of
 /// them must never hide the orders that really are due behind it.
 pub async fn unpaid_past_deadline(conn: &mut Conn, now: DateTime<Utc>, limit: i64) -> Result<Vec<OrderRow>> {
+    use crate::schema::order_close_attempt as a;
     use crate::schema::third_payment as p;
     let settled = p::table
         .filter(p::order_sn.eq(o::sn))
         .filter(p::pay_status.eq_any([crate::PayStatus::Paid.code(), crate::PayStatus::Refunded.code()]));
+    // Deferred after a failed attempt, or waiting for a person: not this pass.
+    let held = a::table.filter(a::order_sn.eq(o::sn)).filter(a::retry_at.gt(now).or(a::attention_since.is_not_null()));
     Ok(o::table
         .filter(o::trade_state.eq(TradeState::WaitPay.code()))
         .filter(o::pay_deadline.le(now))
         .filter(diesel::dsl::not(diesel::dsl::exists(settled)))
+        .filter(diesel::dsl::not(diesel::dsl::exists(held)))
         .order(o::pay_deadline.asc())
         .limit(limit)
         .select(OrderRow::as_select())
@@ -226,4 +230,86 @@ pub async fn transition(conn: &mut Conn, sn: &OrderSn, from: TradeState, to: Tra
 /// The homestay an order was for (kept for completeness of the model).
 pub fn homestay_of(row: &OrderRow) -> HomestayId {
     HomestayId(row.homestay_id)
+}
+
+/// The timeout closer could not close `sn` (`reason`, a metric label): counts the attempt and defers the next one
+/// by `delay(attempts so far)` from `now`. Returns the attempts so far.
+pub async fn close_deferred(
+    conn: &mut Conn,
+    sn: &OrderSn,
+    reason: &str,
+    now: DateTime<Utc>,
+    delay: impl Fn(i32) -> chrono::TimeDelta,
+) -> Result<i32> {
+    use crate::schema::order_close_attempt as a;
+    let attempts: i32 = diesel::insert_into(a::table)
+        .values((a::order_sn.eq(sn.as_str()), a::attempts.eq(1), a::retry_at.eq(now), a::last_reason.eq(reason)))
+        .on_conflict(a::order_sn)
+        .do_update()
+        .set((a::attempts.eq(a::attempts + 1), a::last_reason.eq(reason)))
+        .returning(a::attempts)
+        .get_result(conn)
+        .await?;
+    diesel::update(a::table.filter(a::order_sn.eq(sn.as_str())))
+        .set(a::retry_at.eq(now + delay(attempts)))
+        .execute(conn)
+        .await?;
+    Ok(attempts)
+}
+
+/// Takes `sn` out of the closer's passes until a person looks at it ([`resolve_attention`]).
+pub async fn needs_attention(conn: &mut Conn, sn: &OrderSn, reason: &str, now: DateTime<Utc>) -> Result<()> {
+    use crate::schema::order_close_attempt as a;
+    diesel::update(a::table.filter(a::order_sn.eq(sn.as_str())).filter(a::attention_since.is_null()))
+        .set((a::attention_reason.eq(reason), a::attention_since.eq(now)))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// An order waiting for a person.
+#[derive(Debug, Clone, Queryable)]
+pub struct Attention {
+    pub sn: String,
+    pub user_id: i64,
+    /// The order's state now (a person may have settled it another way meanwhile).
+    pub trade_state: i16,
+    pub attempts: i32,
+    pub since: DateTime<Utc>,
+    pub reason: String,
+}
+
+/// Orders waiting for a person, longest first.
+pub async fn attention(conn: &mut Conn) -> Result<Vec<Attention>> {
+    use crate::schema::order_close_attempt as a;
+    Ok(a::table
+        .inner_join(o::table.on(o::sn.eq(a::order_sn)))
+        .filter(a::attention_since.is_not_null())
+        .order(a::attention_since.asc())
+        .select((
+            o::sn,
+            o::user_id,
+            o::trade_state,
+            a::attempts,
+            a::attention_since.assume_not_null(),
+            a::attention_reason.assume_not_null(),
+        ))
+        .load(conn)
+        .await?)
+}
+
+/// How many orders wait for a person.
+pub async fn attention_count(conn: &mut Conn) -> Result<i64> {
+    use crate::schema::order_close_attempt as a;
+    Ok(a::table.filter(a::attention_since.is_not_null()).count().get_result(conn).await?)
+}
+
+/// A person looked at `sn`: it goes back to the automatic passes with a clean slate. False when it was not waiting
+/// for a person.
+pub async fn resolve_attention(conn: &mut Conn, sn: &OrderSn) -> Result<bool> {
+    use crate::schema::order_close_attempt as a;
+    let n = diesel::delete(a::table.filter(a::order_sn.eq(sn.as_str())).filter(a::attention_since.is_not_null()))
+        .execute(conn)
+        .await?;
+    Ok(n == 1)
 }

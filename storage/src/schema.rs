@@ -166,6 +166,17 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    order_close_attempt (order_sn) {
+        order_sn -> Text,
+        attempts -> Int4,
+        retry_at -> Timestamptz,
+        last_reason -> Text,
+        attention_reason -> Nullable<Text>,
+        attention_since -> Nullable<Timestamptz>,
+    }
+}
+
 diesel::joinable!(user_auth -> users (user_id));
 diesel::joinable!(homestay_order -> homestay (homestay_id));
 
@@ -179,4 +190,5 @@ diesel::allow_tables_to_appear_in_same_query!(
     notification,
     outbox,
     processed_event,
+    order_close_attempt,
 );
