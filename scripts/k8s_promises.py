@@ -35,7 +35,7 @@ ADMIN_PORT = 9090
 
 # Commands of `paystream --help` that are tools or development aids, not long-running production roles.
 # Subcommands that are tools, not roles to deploy.
-TOOLS = {"all", "config", "demo", "dlq", "outbox", "bench"}
+TOOLS = {"all", "config", "demo", "dlq", "outbox", "attention", "bench"}
 NOT_ROLES = TOOLS | {"sandbox", "help", "migrate"}
 # Where the roles come from when the binary is missing (kept equal to `paystream --help`; checked when it is there).
 KNOWN_ROLES = [["ingress"], ["notifier"], ["relay"], ["processor", "payment"], ["processor", "order"],

@@ -7,6 +7,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod admin;
+mod attention_cmd;
 mod bench;
 mod bench_e2e;
 mod bench_edge;
@@ -65,6 +66,8 @@ enum Command {
     Dlq(dlq_cmd::DlqArgs),
     /// Outbox rows NATS refused for good (parked by the relays): list them, or let the relays try them again.
     Outbox(outbox_cmd::OutboxArgs),
+    /// Orders the automatic passes gave up on until a person looks at them: list them, or give one back.
+    Attention(attention_cmd::AttentionArgs),
     /// Walk one payment through a running system over HTTP and print each step.
     Demo(demo::DemoArgs),
     /// Benchmarks (not tests): figures next to a reference measured in the same run.
@@ -139,6 +142,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(_) => ("paystream-demo", unused_sections(&[])?),
         Command::Dlq(_) => ("paystream-dlq", unused_sections(&[])?),
         Command::Outbox(_) => ("paystream-outbox", unused_sections(&["migrate"])?),
+        Command::Attention(_) => ("paystream-attention", unused_sections(&["migrate"])?),
         Command::Bench { .. } => ("paystream-bench", unused_sections(&[])?),
         Command::Sandbox(_) => unreachable!("handled above"),
     };
@@ -162,6 +166,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(&cfg, args).await,
         Command::Dlq(args) => dlq_cmd::run(&cfg, args).await,
         Command::Outbox(args) => outbox_cmd::run(&cfg, args).await,
+        Command::Attention(args) => attention_cmd::run(&cfg, args).await,
         Command::Bench { which } => bench::run(&cfg, which).await,
         Command::Sandbox(_) => unreachable!("handled above"),
     }
