@@ -13,6 +13,11 @@
 //!    `payment.status` and an `order_closed` subscribe-message request into the outbox. Anything else (paid or
 //!    closed meanwhile) changes nothing.
 //!
+//! An order a pass could not close (any skip reason) is remembered in `order_close_attempt`: the next attempt
+//! waits `interval`, doubled each time up to [`MAX_RETRY_DELAY`]; after [`ATTENTION_AFTER`] attempts refused for a
+//! reason that is not an outage it waits for a person (`paystream attention`) and leaves the passes, so a handful of
+//! orders WeChat keeps refusing can neither fill every batch nor cost WeChat calls every pass.
+//!
 //! The race with a user paying at the deadline is decided by WeChat: either the payment wins (close → `ORDERPAID`,
 //! the order gets paid) or the close wins (WeChat refuses the payment). A payment that still reaches a closed order
 //! becomes a `refund.requested` in the order processor, so money is never kept for a closed order.

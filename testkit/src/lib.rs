@@ -110,6 +110,20 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port()
 }
 
+/// A server's name, from its store directory (unique per server).
+fn server_name(store: &Path) -> String {
+    store.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// Whether the nats-server on `port` is the one called `name` (its INFO line, sent first on every connection).
+fn answers_as(port: u16, name: &str) -> bool {
+    use std::io::{BufRead, BufReader};
+    let Ok(stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut info = String::new();
+    BufReader::new(stream).read_line(&mut info).is_ok() && info.contains(&format!("\"server_name\":\"{name}\""))
+}
+
 /// A nats-server of the test's own, for tests that stop and restart the broker. Killed on drop.
 pub struct NatsServer {
     pub port: u16,
@@ -121,27 +135,38 @@ pub struct NatsServer {
 
 impl NatsServer {
     pub async fn start() -> NatsServer {
-        let store = std::env::temp_dir().join(unique("paystream-nats-"));
-        let mut server = NatsServer { port: free_port(), store, config: None, child: None };
-        server.restart().await;
-        server
+        Self::start_on_a_free_port(None).await
     }
 
     /// Starts a server whose configuration file also holds `extra` (nats-server's configuration syntax), for
     /// tests of authentication and TLS.
     pub async fn start_with(extra: &str) -> NatsServer {
-        let store = std::env::temp_dir().join(unique("paystream-nats-"));
-        std::fs::create_dir_all(&store).expect("nats store dir");
-        let port = free_port();
-        let config = store.join("nats.conf");
-        let text = format!(
-            "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: \"{}\" }}\n{extra}\n",
-            store.join("js").display()
-        );
-        std::fs::write(&config, text).expect("nats config");
-        let mut server = NatsServer { port, store, config: Some(config), child: None };
-        server.restart().await;
-        server
+        Self::start_on_a_free_port(Some(extra)).await
+    }
+
+    /// A free port can be taken by another test's server between our look and our bind (tests run in parallel):
+    /// then our server exits, and we try another port.
+    async fn start_on_a_free_port(extra: Option<&str>) -> NatsServer {
+        for _ in 0..5 {
+            let store = std::env::temp_dir().join(unique("paystream-nats-"));
+            std::fs::create_dir_all(&store).expect("nats store dir");
+            let port = free_port();
+            let config = extra.map(|extra| {
+                let config = store.join("nats.conf");
+                let text = format!(
+                    "listen: \"127.0.0.1:{port}\"\nserver_name: \"{}\"\njetstream {{ store_dir: \"{}\" }}\n{extra}\n",
+                    server_name(&store),
+                    store.join("js").display()
+                );
+                std::fs::write(&config, text).expect("nats config");
+                config
+            });
+            let mut server = NatsServer { port, store, config, child: None };
+            if server.try_start().await {
+                return server;
+            }
+        }
+        panic!("no private nats-server came up on five free ports");
     }
 
     pub fn url(&self) -> String {
@@ -150,19 +175,35 @@ impl NatsServer {
 
     /// Starts the server again on the same port and store (JetStream data survives a stop).
     pub async fn restart(&mut self) {
+        assert!(self.try_start().await, "private nats-server did not come back on port {}", self.port);
+    }
+
+    /// Starts the server and waits until it answers as itself: the INFO line carries its own name, so a server of
+    /// another test on the same port does not count. False when it exited instead (its port was taken).
+    async fn try_start(&mut self) -> bool {
         assert!(self.child.is_none(), "already running");
+        let name = server_name(&self.store);
         let mut cmd = Command::new(setting("NATS_SERVER_BIN"));
         match &self.config {
             Some(config) => cmd.arg("-c").arg(config),
-            None => cmd.args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"]).arg(&self.store),
+            None => {
+                cmd.args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-n", &name, "-js", "-sd"]).arg(&self.store)
+            }
         };
         let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn NATS_SERVER_BIN");
         self.child = Some(child);
-        let port = self.port;
-        eventually(Duration::from_secs(10), "private nats-server to accept connections", || async move {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
-        })
-        .await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(Child::try_wait) {
+                self.child = None;
+                return false;
+            }
+            if answers_as(self.port, &name) {
+                return true;
+            }
+            assert!(Instant::now() < deadline, "private nats-server on port {} did not answer within 10s", self.port);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Kills the server (SIGKILL: no lame-duck, like a crash).
