@@ -117,6 +117,21 @@ fn method_label(m: &Method) -> &'static str {
     }
 }
 
+/// Exports every route's request counter at 0 for each status class it can answer with (and the unmatched paths'
+/// 4xx), so `rate()` and `increase()` count the first request of a process, and a ratio reads 0 rather than no
+/// data while nothing failed.
+pub fn preregister(routes: &[(Method, &str)]) {
+    let m = m();
+    for (method, route) in routes {
+        for class in ["2xx", "4xx", "5xx"] {
+            m.requests.with_label_values(&[*route, method_label(method), class]);
+        }
+    }
+    for method in ["GET", "POST"] {
+        m.requests.with_label_values(&["unmatched", method, "4xx"]);
+    }
+}
+
 /// The route template a request matched; paths no route matched share `unmatched`, so a scanner cannot grow the set
 /// of labels or span names.
 pub fn route_label<B>(req: &axum::http::Request<B>) -> String {

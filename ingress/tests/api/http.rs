@@ -199,3 +199,28 @@ async fn by_default_the_public_port_shows_no_readiness_or_metrics_and_ignores_a_
     let answered = resp.headers()["traceparent"].to_str().unwrap().to_owned();
     assert!(!answered.contains("4bf92f3577b34da6a3ce929d0e0e4736"), "{answered}");
 }
+
+/// Every route answers its own method (405 for another), and its request counter exists for every status class
+/// before its first request, so `increase()` after a restart counts that first request and a 5xx ratio reads 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_answers_its_method_and_its_counters_exist_from_the_start() {
+    let app = spawn_app().await;
+    let metrics = app.http.get(format!("{}/metrics", app.base)).send().await.unwrap().text().await.unwrap();
+    for (method, route) in ingress::API_ROUTES {
+        for class in ["2xx", "4xx", "5xx"] {
+            let series =
+                format!(r#"paystream_http_requests_total{{method="{method}",route="{route}",status_class="{class}"}}"#);
+            assert!(metrics.contains(&series), "{series} missing before any request");
+        }
+        let other = if method == reqwest::Method::GET { reqwest::Method::POST } else { reqwest::Method::GET };
+        let resp = app.http.request(other.clone(), format!("{}{route}", app.base)).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED, "{other} {route}");
+        let resp = app.http.request(method.clone(), format!("{}{route}", app.base)).send().await.unwrap();
+        assert!(
+            ![StatusCode::NOT_FOUND, StatusCode::METHOD_NOT_ALLOWED].contains(&resp.status()),
+            "{method} {route}: {}",
+            resp.status()
+        );
+    }
+    assert!(metrics.contains(r#"paystream_http_requests_total{method="POST",route="unmatched",status_class="4xx"}"#));
+}
