@@ -3,6 +3,7 @@
 use std::sync::OnceLock;
 
 use prometheus::{IntCounterVec, IntGauge, Opts};
+use storage::{PayStatus, TradeState, Transition};
 
 struct Metrics {
     payment_transitions: IntCounterVec,
@@ -69,17 +70,23 @@ fn m() -> &'static Metrics {
         for reason in ["order_closed", "paid_after_close"] {
             refunds_requested.with_label_values(&[reason]);
         }
-        for reason in [
-            "unknown_payment",
-            "amount_mismatch",
-            "foreign_merchant",
-            "currency_mismatch",
-            "unknown_state",
-            "unknown_refund",
-            "refund_mismatch",
-            "refund_unpaid",
-        ] {
-            rejected.with_label_values(&[reason]);
+        for reason in Rejection::ALL {
+            rejected.with_label_values(&[reason.as_str()]);
+        }
+        // Every arrow of the two state machines, from the same transition functions the code obeys.
+        for from in PayStatus::ALL {
+            for to in PayStatus::ALL {
+                if from.transition(to) == Ok(Transition::Changed) {
+                    payment_transitions.with_label_values(&[&format!("{from:?}"), &format!("{to:?}")]);
+                }
+            }
+        }
+        for from in TradeState::ALL {
+            for to in TradeState::ALL {
+                if from.transition(to) == Ok(Transition::Changed) {
+                    order_transitions.with_label_values(&[&format!("{from:?}"), &format!("{to:?}")]);
+                }
+            }
         }
         for outcome in ["SUCCESS", "PROCESSING", "CLOSED", "ABNORMAL", "not_at_wechat", "error"] {
             refund_queries.with_label_values(&[outcome]);
@@ -104,8 +111,56 @@ pub(crate) fn order_transition(from: storage::TradeState, to: storage::TradeStat
     m().order_transitions.with_label_values(&[&format!("{from:?}"), &format!("{to:?}")]).inc();
 }
 
-pub(crate) fn rejected(reason: &str) {
-    m().rejected.with_label_values(&[reason]).inc();
+/// Why a processor refused a WeChat report (the `reason` label of `wechat_reports_rejected_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Rejection {
+    UnknownPayment,
+    AmountMismatch,
+    /// Another merchant's or app's report.
+    ForeignMerchant,
+    CurrencyMismatch,
+    /// A SUCCESS report without the fields paying needs.
+    Incomplete,
+    /// WeChat says refunded while the payment still waits here.
+    RefundedWhileWaiting,
+    UnknownState,
+    UnknownRefund,
+    RefundMismatch,
+    RefundUnpaid,
+}
+
+impl Rejection {
+    const ALL: [Rejection; 10] = [
+        Rejection::UnknownPayment,
+        Rejection::AmountMismatch,
+        Rejection::ForeignMerchant,
+        Rejection::CurrencyMismatch,
+        Rejection::Incomplete,
+        Rejection::RefundedWhileWaiting,
+        Rejection::UnknownState,
+        Rejection::UnknownRefund,
+        Rejection::RefundMismatch,
+        Rejection::RefundUnpaid,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Rejection::UnknownPayment => "unknown_payment",
+            Rejection::AmountMismatch => "amount_mismatch",
+            Rejection::ForeignMerchant => "foreign_merchant",
+            Rejection::CurrencyMismatch => "currency_mismatch",
+            Rejection::Incomplete => "incomplete",
+            Rejection::RefundedWhileWaiting => "refunded_while_waiting",
+            Rejection::UnknownState => "unknown_state",
+            Rejection::UnknownRefund => "unknown_refund",
+            Rejection::RefundMismatch => "refund_mismatch",
+            Rejection::RefundUnpaid => "refund_unpaid",
+        }
+    }
+}
+
+pub(crate) fn rejected(reason: Rejection) {
+    m().rejected.with_label_values(&[reason.as_str()]).inc();
 }
 
 pub(crate) fn refund_requested(reason: &str) {
@@ -127,4 +182,35 @@ pub(crate) fn refunds_unsettled(n: i64) {
 /// Makes the families visible in `/metrics` from the start.
 pub fn register() {
     let _ = m();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Dashboards and alerts read these before anything happened: the refund's arrows (Paid → Refunded, WaitUse →
+    /// Refunded) and every refusal reason the code can count are there at 0 from the start, and nothing else.
+    #[test]
+    fn every_arrow_and_reason_the_code_can_count_exists_from_the_start() {
+        register();
+        let text = observability::render_metrics();
+        let series = |family: &str| -> Vec<String> {
+            text.lines().filter(|l| l.starts_with(&format!("paystream_{family}{{"))).map(str::to_owned).collect()
+        };
+        let payments = series("payment_transitions_total");
+        for arrow in [("Waiting", "Paid"), ("Waiting", "Closed"), ("Paid", "Refunded")] {
+            let want = format!(r#"paystream_payment_transitions_total{{from="{}",to="{}"}}"#, arrow.0, arrow.1);
+            assert!(payments.iter().any(|l| l.starts_with(&want)), "{want} missing: {payments:?}");
+        }
+        assert_eq!(payments.len(), 3, "only allowed arrows: {payments:?}");
+        let orders = series("order_transitions_total");
+        for arrow in [("WaitPay", "WaitUse"), ("WaitPay", "Cancelled"), ("WaitUse", "Used"), ("WaitUse", "Refunded")] {
+            let want = format!(r#"paystream_order_transitions_total{{from="{}",to="{}"}}"#, arrow.0, arrow.1);
+            assert!(orders.iter().any(|l| l.starts_with(&want)), "{want} missing: {orders:?}");
+        }
+        assert_eq!(orders.len(), 5, "only allowed arrows: {orders:?}");
+        let rejected = series("wechat_reports_rejected_total");
+        assert_eq!(rejected.len(), Rejection::ALL.len(), "{rejected:?}");
+        assert!(rejected.iter().any(|l| l.contains(r#"reason="refunded_while_waiting""#)), "{rejected:?}");
+    }
 }

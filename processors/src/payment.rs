@@ -8,6 +8,7 @@ use bus::{Delivery, Envelope, Handled, Handler, HandlerError, Item};
 use storage::{DomainError, PayStatus, PaymentSn, PgPool, StorageError, Transition, UserId, payments};
 
 use crate::metrics;
+use crate::metrics::Rejection;
 
 /// Handler for the `payment` consumer.
 pub struct PaymentProcessor {
@@ -24,7 +25,7 @@ impl PaymentProcessor {
     }
 }
 
-fn refuse(reason: &'static str, detail: String) -> HandlerError {
+fn refuse(reason: Rejection, detail: String) -> HandlerError {
     metrics::rejected(reason);
     HandlerError::Permanent(detail)
 }
@@ -121,7 +122,7 @@ impl Handler for PaymentProcessor {
         let r = event.payload;
         if r.appid != self.appid || r.mchid != self.mchid {
             return Err(refuse(
-                "merchant_mismatch",
+                Rejection::ForeignMerchant,
                 format!("report for appid {} / mchid {} is not ours", r.appid, r.mchid),
             ));
         }
@@ -132,17 +133,20 @@ impl Handler for PaymentProcessor {
             r.currency.as_deref().is_some_and(|c| c != "CNY")
         };
         if no_cny {
-            return Err(refuse("currency_mismatch", format!("report in {:?}, payments are in CNY", r.currency)));
+            return Err(refuse(
+                Rejection::CurrencyMismatch,
+                format!("report in {:?}, payments are in CNY", r.currency),
+            ));
         }
         let sn = PaymentSn::parse(&r.out_trade_no)
-            .map_err(|_| refuse("unknown_payment", format!("unknown payment {:?}", r.out_trade_no)))?;
+            .map_err(|_| refuse(Rejection::UnknownPayment, format!("unknown payment {:?}", r.out_trade_no)))?;
         match r.trade_state.as_str() {
             "SUCCESS" => self.paid(&sn, &r).await,
             "CLOSED" | "REVOKED" => self.closed(&sn, &r).await,
             // Still open at WeChat: nothing to change.
             "NOTPAY" | "USERPAYING" | "ACCEPT" | "PAYERROR" => Ok(Handled::Done),
             "REFUND" => self.refunded_at_wechat(&sn).await,
-            other => Err(refuse("unknown_state", format!("unknown trade_state {other:?} for {sn}"))),
+            other => Err(refuse(Rejection::UnknownState, format!("unknown trade_state {other:?} for {sn}"))),
         }
     }
 }
@@ -178,7 +182,7 @@ impl PaymentProcessor {
         let (Some(total), Some(transaction_id), Some(pay_time)) = (r.amount_total, &r.transaction_id, r.success_time)
         else {
             return Err(refuse(
-                "incomplete",
+                Rejection::Incomplete,
                 format!("SUCCESS for {sn} without amount, transaction id or success time"),
             ));
         };
@@ -200,10 +204,10 @@ impl PaymentProcessor {
             // Not a waiting payment of that amount: find out why, under the row lock.
             let payment = payments::lock_by_sn(c, sn)
                 .await?
-                .ok_or_else(|| refuse("unknown_payment", format!("unknown payment {sn}")))?;
+                .ok_or_else(|| refuse(Rejection::UnknownPayment, format!("unknown payment {sn}")))?;
             if payment.pay_total != total {
                 return Err(refuse(
-                    "amount_mismatch",
+                    Rejection::AmountMismatch,
                     format!(
                         "amount mismatch for {sn}: WeChat says {total} fen, the payment is {} fen",
                         payment.pay_total
@@ -254,10 +258,10 @@ impl PaymentProcessor {
         let mut conn = self.pool.get().await.map_err(StorageError::from)?;
         let payment = payments::find_by_sn(&mut conn, sn)
             .await?
-            .ok_or_else(|| refuse("unknown_payment", format!("unknown payment {sn}")))?;
+            .ok_or_else(|| refuse(Rejection::UnknownPayment, format!("unknown payment {sn}")))?;
         match payment.status() {
             PayStatus::Waiting => Err(refuse(
-                "refunded_while_waiting",
+                Rejection::RefundedWhileWaiting,
                 format!("WeChat reports {sn} refunded but it never was paid here: reconcile by hand"),
             )),
             _ => Ok(Handled::Done),
@@ -270,7 +274,7 @@ impl PaymentProcessor {
             .transaction::<_, HandlerError, _>(&mut conn, async |c, events| {
                 let payment = payments::lock_by_sn(c, sn)
                     .await?
-                    .ok_or_else(|| refuse("unknown_payment", format!("unknown payment {sn}")))?;
+                    .ok_or_else(|| refuse(Rejection::UnknownPayment, format!("unknown payment {sn}")))?;
                 match payments::transition(c, sn, PayStatus::Waiting, PayStatus::Closed, &r.trade_state).await {
                     Ok(Transition::Changed) => {
                         let changed = PaymentStatusChanged {

@@ -28,6 +28,7 @@ use storage::{
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics;
+use crate::metrics::Rejection;
 
 /// The durable consumer of `refund.requested`.
 pub const REQUEST_CONSUMER: &str = "refund";
@@ -77,7 +78,7 @@ impl RefundConfig {
     }
 }
 
-fn permanent(reason: &'static str, detail: String) -> HandlerError {
+fn permanent(reason: Rejection, detail: String) -> HandlerError {
     metrics::rejected(reason);
     HandlerError::Permanent(detail)
 }
@@ -128,7 +129,7 @@ impl Handler for RefundRequester {
         let refund = conn
             .transaction::<_, HandlerError, _>(async |c| {
                 let payment = payments::lock_by_sn(c, &req.payment_sn).await?.ok_or_else(|| {
-                    permanent("unknown_payment", format!("refund asked for unknown payment {}", req.payment_sn))
+                    permanent(Rejection::UnknownPayment, format!("refund asked for unknown payment {}", req.payment_sn))
                 })?;
                 match payment.status() {
                     // Paid here, or closed here but paid at WeChat (the payment processor asks for those).
@@ -136,7 +137,7 @@ impl Handler for RefundRequester {
                     PayStatus::Refunded => return Ok(None),
                     PayStatus::Waiting => {
                         return Err(permanent(
-                            "refund_unpaid",
+                            Rejection::RefundUnpaid,
                             format!("refund asked for {} which is still waiting for its money", req.payment_sn),
                         ));
                     }
@@ -198,15 +199,20 @@ impl Handler for RefundProcessor {
     async fn handle(&self, event: Envelope<WechatRefundReported>, _: &Delivery) -> Result<Handled, HandlerError> {
         let r = event.payload;
         if r.mchid.as_deref().is_some_and(|m| m != self.mchid) {
-            return Err(permanent("foreign_merchant", format!("refund report for mchid {:?} is not ours", r.mchid)));
+            return Err(permanent(
+                Rejection::ForeignMerchant,
+                format!("refund report for mchid {:?} is not ours", r.mchid),
+            ));
         }
         let sn = RefundSn::parse(&r.out_refund_no)
-            .map_err(|_| permanent("unknown_refund", format!("unknown refund {:?}", r.out_refund_no)))?;
+            .map_err(|_| permanent(Rejection::UnknownRefund, format!("unknown refund {:?}", r.out_refund_no)))?;
         let to = match r.status.as_str() {
             "SUCCESS" => RefundStatus::Succeeded,
             "PROCESSING" => RefundStatus::Processing,
             "CLOSED" | "ABNORMAL" => RefundStatus::Failed,
-            other => return Err(permanent("unknown_state", format!("unknown refund status {other:?} for {sn}"))),
+            other => {
+                return Err(permanent(Rejection::UnknownState, format!("unknown refund status {other:?} for {sn}")));
+            }
         };
         let wechat = WechatRefund {
             refund_id: Some(r.refund_id.clone()),
@@ -217,11 +223,11 @@ impl Handler for RefundProcessor {
         conn.transaction::<_, HandlerError, _>(async |c| {
             let row = refunds::find_by_sn(c, &sn)
                 .await?
-                .ok_or_else(|| permanent("unknown_refund", format!("unknown refund {sn}")))?;
+                .ok_or_else(|| permanent(Rejection::UnknownRefund, format!("unknown refund {sn}")))?;
             if row.payment_sn != r.out_trade_no || row.refund_total != r.amount_refund || row.pay_total != r.amount_total
             {
                 return Err(permanent(
-                    "refund_mismatch",
+                    Rejection::RefundMismatch,
                     format!(
                         "WeChat reports refund {sn} of {} fen for {} ({} fen), we asked {} of {} ({} fen)",
                         r.amount_refund, r.out_trade_no, r.amount_total, row.refund_total, row.payment_sn, row.pay_total
