@@ -133,6 +133,28 @@ pub(crate) fn relayed(subject: &str, n: u64) {
 pub fn register() {
     for s in crate::Subject::ALL {
         m().published.with_label_values(&[s.name(), "false"]);
+        m().published.with_label_values(&[s.name(), "true"]);
+        m().outbox_relayed.with_label_values(&[s.name()]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_subject_is_exported_from_the_start() {
+        register();
+        let text = observability::render_metrics();
+        for s in crate::Subject::ALL {
+            for family in [
+                format!(r#"paystream_events_published_total{{duplicate="false",subject="{}"}}"#, s.name()),
+                format!(r#"paystream_events_published_total{{duplicate="true",subject="{}"}}"#, s.name()),
+                format!(r#"paystream_outbox_relayed_total{{subject="{}"}}"#, s.name()),
+            ] {
+                assert!(text.contains(&family), "{family} missing");
+            }
+        }
     }
 }
 
