@@ -138,6 +138,13 @@ pub fn register() {
     }
 }
 
+/// Shows a consumer's outcome series at zero from its start.
+pub(crate) fn register_consumer(consumer: &str) {
+    for o in [Outcome::Ack, Outcome::Duplicate, Outcome::Nak, Outcome::Term, Outcome::Dlq, Outcome::DlqFailed] {
+        m().consumed.with_label_values(&[consumer, o.as_str()]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,12 +162,5 @@ mod tests {
                 assert!(text.contains(&family), "{family} missing");
             }
         }
-    }
-}
-
-/// Shows a consumer's outcome series at zero from its start.
-pub(crate) fn register_consumer(consumer: &str) {
-    for o in [Outcome::Ack, Outcome::Duplicate, Outcome::Nak, Outcome::Term, Outcome::Dlq, Outcome::DlqFailed] {
-        m().consumed.with_label_values(&[consumer, o.as_str()]);
     }
 }
