@@ -86,8 +86,16 @@ pub fn document() -> Value {
                 obj(&["mobile", "password"], json!({ "mobile": { "type": "string" }, "password": { "type": "string" } })),
                 token.clone(), &[bad, ("401", "mobile or password is wrong")]),
             "/usercenter/v1/user/wxMiniAuth": op("Log in with a wx.login code (creates the user on first login)", false,
-                obj(&["code"], json!({ "code": { "type": "string" } })),
-                token, &[bad, ("401", "code invalid or already used"), ("502", "WeChat unavailable")]),
+                obj(&["code"], json!({
+                    "code": { "type": "string", "minLength": 1, "maxLength": 128 },
+                    "iv": { "type": "string", "maxLength": 64,
+                            "description": "with encryptedData, from wx.getUserInfo: fills nickname and avatar on first login" },
+                    "encryptedData": { "type": "string", "maxLength": 8192,
+                            "description": "AES-128-CBC with the login's session key; its watermark must name our appid" }
+                })),
+                token, &[bad, ("401", "code invalid or already used"),
+                         ("422", "iv without encryptedData or the reverse, or user info that does not decrypt with this login's session key or was issued for another mini-program"),
+                         ("429", "too many logins from this address"), ("502", "WeChat unavailable")]),
             "/usercenter/v1/user/detail": op("The caller's own details", true, obj(&[], json!({})),
                 json!({ "type": "object", "properties": { "userInfo": { "type": "object" } } }), &[unauth]),
             "/order/v1/homestayOrder/createHomestayOrder": op("Book a homestay", true,

@@ -181,3 +181,33 @@ pub(crate) async fn add_fault(State(shared): State<Arc<Shared>>, Json(fault): Js
     }
     (StatusCode::ACCEPTED, Json(json!({"accepted": true}))).into_response()
 }
+
+/// Body of `POST /sandbox/v1/user-info`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct UserInfoRequest {
+    /// The `wx.login` code whose session key encrypts it (as WeChat's client uses the current session's key).
+    code: String,
+    #[serde(rename = "nickName", default)]
+    nick_name: String,
+    #[serde(rename = "avatarUrl", default)]
+    avatar_url: String,
+    /// The watermark's appid: this sandbox's mini-program unless a test asks for another one's.
+    #[serde(default)]
+    appid: Option<String>,
+}
+
+/// `POST /sandbox/v1/user-info`: what `wx.getUserInfo` hands the mini-program for a login, `{encryptedData, iv}`.
+pub(crate) async fn user_info(State(shared): State<Arc<Shared>>, Json(r): Json<UserInfoRequest>) -> Response {
+    let plain = wechat::UserInfoPlain {
+        nick_name: r.nick_name,
+        avatar_url: r.avatar_url,
+        watermark: wechat::Watermark {
+            appid: r.appid.unwrap_or_else(|| shared.identity.appid.clone()),
+            timestamp: chrono::Utc::now().timestamp(),
+        },
+    };
+    match wechat::encrypt_user_info(&crate::mini::session_key_for(&r.code), &plain) {
+        Ok((encrypted_data, iv)) => Json(json!({"encryptedData": encrypted_data, "iv": iv})).into_response(),
+        Err(e) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}

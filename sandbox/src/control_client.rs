@@ -102,6 +102,21 @@ impl Control {
         self.json::<Value>(req).await.map(|_| ())
     }
 
+    /// What WeChat's client hands the mini-program as the user's info for the login `code`: `(encryptedData, iv)`,
+    /// encrypted with that login's session key; `appid` puts another mini-program's appid in the watermark.
+    pub async fn user_info(
+        &self,
+        code: &str,
+        nick_name: &str,
+        avatar_url: &str,
+        appid: Option<&str>,
+    ) -> Result<(String, String), ControlError> {
+        let body = json!({"code": code, "nickName": nick_name, "avatarUrl": avatar_url, "appid": appid});
+        let v: Value = self.json(self.http.post(format!("{}/sandbox/v1/user-info", self.base)).json(&body)).await?;
+        let field = |k: &str| v[k].as_str().map(str::to_owned).ok_or_else(|| ControlError::Http(format!("no {k}")));
+        Ok((field("encryptedData")?, field("iv")?))
+    }
+
     /// Known subscribe-message template ids (empty: any id is accepted).
     pub async fn set_templates(&self, template_ids: &[&str]) -> Result<(), ControlError> {
         let req =

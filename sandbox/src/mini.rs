@@ -148,8 +148,12 @@ pub(crate) async fn jscode2session(
         return err(40163, "code been used");
     }
     let user = code.split(':').next().unwrap_or(code);
-    let session_key = STANDARD.encode(&sha256(format!("session:{code}").as_bytes())[..16]);
-    Json(json!({"openid": openid_for(&shared, user), "session_key": session_key}))
+    Json(json!({"openid": openid_for(&shared, user), "session_key": session_key_for(code)}))
+}
+
+/// The session key WeChat gives a login code (base64 of 16 bytes), the same every time for one code.
+pub(crate) fn session_key_for(code: &str) -> String {
+    STANDARD.encode(&sha256(format!("session:{code}").as_bytes())[..16])
 }
 
 pub(crate) async fn token(State(shared): State<Arc<Shared>>, Query(q): Query<HashMap<String, String>>) -> Json<Value> {

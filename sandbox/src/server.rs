@@ -272,6 +272,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/sandbox/v1/refunds", get(control::refunds))
         .route("/sandbox/v1/faults", post(control::add_fault))
         .route("/sandbox/v1/templates", axum::routing::put(control::set_templates))
+        .route("/sandbox/v1/user-info", post(control::user_info))
         .route("/sandbox/v1/healthz", get(|| async { "ok" }))
         .with_state(shared)
 }

@@ -35,6 +35,8 @@ pub struct NewUser {
     pub mobile: Option<String>,
     pub password_hash: Option<String>,
     pub nickname: String,
+    /// URL of the user's avatar (from WeChat's user info on the first mini-program login), or empty.
+    pub avatar: String,
 }
 
 /// Creates a user together with its first way of logging in, in the caller's transaction. A second user for the

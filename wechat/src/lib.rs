@@ -45,6 +45,9 @@ pub mod sms;
 
 pub use config::{ConfigError, PlatformPublicKey, SmsConfig, WechatConfig};
 pub use miniprogram::subscribe::{DataRuleError, Lang, MiniprogramState, SubscribeMessage, check_value};
+pub use miniprogram::user_info::{
+    UserInfo, UserInfoError, UserInfoPlain, Watermark, decrypt_user_info, encrypt_user_info,
+};
 pub use miniprogram::{Errcode, ErrorClass, MiniError, MiniProgramClient, MiniSettings, Session};
 pub use pay::client::{PayClient, PayError, PaySettings};
 pub use pay::notify::{NotificationReader, NotifyError, NotifyPayload, VerifiedNotification};

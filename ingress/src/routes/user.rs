@@ -20,6 +20,11 @@ pub struct Credentials {
 #[serde(deny_unknown_fields)]
 pub struct WxMiniAuthReq {
     code: String,
+    /// looklook's front end sends the user's info as WeChat's client gives it (`wx.getUserInfo`): both or neither.
+    #[serde(default)]
+    iv: Option<String>,
+    #[serde(default, rename = "encryptedData")]
+    encrypted_data: Option<String>,
 }
 
 /// The database's rule for mobile numbers, checked first so the client gets a message rather than a 500.
@@ -48,7 +53,7 @@ pub async fn register(
     }
     let hash = state.passwords.hash(req.password).await?;
     let mut conn = state.conn().await?;
-    let new = users::NewUser { mobile: Some(req.mobile.clone()), password_hash: Some(hash), nickname: String::new() };
+    let new = users::NewUser { mobile: Some(req.mobile.clone()), password_hash: Some(hash), ..Default::default() };
     let mobile = req.mobile.clone();
     let created = conn.transaction(async |c| users::insert_with_auth(c, &new, AuthType::System, &mobile).await).await;
     let user = match created {
@@ -100,13 +105,32 @@ pub async fn wx_mini_auth(
     if req.code.trim().is_empty() || req.code.len() > 128 {
         return Err(ApiError::invalid("code must be the 1 to 128 character code from wx.login"));
     }
+    let sealed = match (req.encrypted_data.as_deref(), req.iv.as_deref()) {
+        (None | Some(""), None | Some("")) => None,
+        (Some(data), Some(iv)) if data.len() <= 8192 && iv.len() <= 64 => Some((data, iv)),
+        (Some(_), Some(_)) => return Err(ApiError::invalid("encryptedData must be at most 8192 and iv 64 characters")),
+        _ => return Err(ApiError::invalid("encryptedData and iv come together (from wx.getUserInfo), or not at all")),
+    };
     let session = state.deps.mini.jscode2session(&req.code).await.map_err(mini_error)?;
+    // The user's info, when sent, must open with this login's session key and be issued for our mini-program.
+    let info = sealed
+        .map(|(data, iv)| wechat::decrypt_user_info(&session.session_key, data, iv, state.deps.mini.appid()))
+        .transpose()
+        .map_err(|e| ApiError::invalid(format!("encryptedData refused: {e}")))?;
     let openid = session.openid.expose().to_owned();
     let mut conn = state.conn().await?;
     let user = match users::find_by_auth(&mut conn, AuthType::WxMini, &openid).await? {
         Some(u) => u,
         None => {
-            let new = users::NewUser::default();
+            // Nickname and avatar from WeChat on the first login, as looklook does; later logins leave them.
+            let new = match &info {
+                Some(i) => users::NewUser {
+                    nickname: i.nick_name.chars().take(64).collect(),
+                    avatar: i.avatar_url.chars().take(512).collect(),
+                    ..Default::default()
+                },
+                None => users::NewUser::default(),
+            };
             let created =
                 conn.transaction(async |c| users::insert_with_auth(c, &new, AuthType::WxMini, &openid).await).await;
             match created {

@@ -34,6 +34,57 @@ async fn wechat_login_creates_the_user_once_and_codes_work_once() {
     assert!(body["msg"].as_str().unwrap().contains("wx.login"), "{body}");
 }
 
+/// looklook's front end logs in with `{code, iv, encryptedData}` from wx.getUserInfo: the first login fills nickname
+/// and avatar; user info that does not open with the login's session key, or was issued for another mini-program,
+/// is refused and creates no one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wechat_login_with_looklooks_encrypted_user_info() {
+    const AUTH: &str = "/usercenter/v1/user/wxMiniAuth";
+    let app = spawn_app().await;
+    let avatar = "https://thirdwx.qlogo.cn/mmopen/vi_32/dana/132";
+    let (data, iv) = app.control.user_info("dana:1", "丹娜", avatar, None).await.unwrap();
+    let t = app.ok(AUTH, &json!({ "code": "dana:1", "iv": iv, "encryptedData": data }), None).await;
+    let me = app.ok(DETAIL, &json!({}), Some(t["accessToken"].as_str().unwrap())).await;
+    assert_eq!((me["userInfo"]["nickname"].as_str(), me["userInfo"]["avatar"].as_str()), (Some("丹娜"), Some(avatar)));
+
+    // Another mini-program's user info (its watermark), a tampered ciphertext, or one of another login: refused.
+    let (data, iv) = app.control.user_info("erin:1", "Erin", avatar, Some("wx0000000000000000")).await.unwrap();
+    let (status, body) = app.post(AUTH, &json!({ "code": "erin:1", "iv": iv, "encryptedData": data }), None).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(body["msg"].as_str().unwrap().contains("another mini-program"), "{body}");
+    let (data, iv) = app.control.user_info("erin:2", "Erin", avatar, None).await.unwrap();
+    let mut bytes = base64_decode(&data);
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x55;
+    let tampered = base64_encode(&bytes);
+    let (status, body) = app.post(AUTH, &json!({ "code": "erin:2", "iv": iv, "encryptedData": tampered }), None).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let (data, iv) = app.control.user_info("erin:3", "Erin", avatar, None).await.unwrap();
+    let (status, body) = app.post(AUTH, &json!({ "code": "erin:4", "iv": iv, "encryptedData": data }), None).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(body["msg"].as_str().unwrap().contains("session key"), "{body}");
+    // Half of the pair is a client bug, answered before WeChat is asked.
+    let (status, body) = app.post(AUTH, &json!({ "code": "erin:5", "iv": "AAAA" }), None).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(body["msg"].as_str().unwrap().contains("together"), "{body}");
+    let users: i64 = {
+        use diesel::QueryDsl as _;
+        use storage::RunQueryDsl as _;
+        storage::schema::users::table.count().get_result(&mut *app.conn().await).await.unwrap()
+    };
+    assert_eq!(users, 1, "only dana exists");
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.decode(s).unwrap()
+}
+
+fn base64_encode(b: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_first_logins_make_one_user() {
     let app = spawn_app().await;

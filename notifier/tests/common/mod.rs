@@ -154,7 +154,7 @@ impl Env {
         let session = self.mini.jscode2session(code).await.expect("jscode2session");
         let openid = session.openid.expose().to_owned();
         let mut conn = self.pool.get().await.unwrap();
-        let new = NewUser { mobile: mobile.map(str::to_owned), password_hash: None, nickname: code.into() };
+        let new = NewUser { mobile: mobile.map(str::to_owned), nickname: code.into(), ..Default::default() };
         let user = users::insert_with_auth(&mut conn, &new, AuthType::WxMini, &openid).await.unwrap();
         (user.id(), openid)
     }

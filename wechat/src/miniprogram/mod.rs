@@ -2,6 +2,7 @@
 //! subscribe messages.
 
 pub mod subscribe;
+pub mod user_info;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -296,6 +297,11 @@ impl MiniProgramClient {
     }
 
     /// `GET /sns/jscode2session`: exchanges a `wx.login` code for the user's openid.
+    /// The mini-program's appid (what the watermark of its users' encrypted data must name).
+    pub fn appid(&self) -> &str {
+        &self.inner.settings.appid
+    }
+
     pub async fn jscode2session(&self, code: &str) -> Result<Session, MiniError> {
         if code.is_empty() || code.len() > 128 {
             let rule = "must be 1 to 128 characters";
