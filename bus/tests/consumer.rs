@@ -89,8 +89,13 @@ fn start(env: &Env, handler: Recorder, cfg: ConsumerConfig) -> (CancellationToke
 }
 
 async fn durable(env: &Env) -> PullConsumer {
-    let stream = env.js.get_stream(env.topology().stream_of(Subject::OrderStatus)).await.unwrap();
-    stream.get_consumer(NAME).await.unwrap()
+    try_durable(env).await.expect("the durable consumer exists")
+}
+
+/// The durable consumer, once the runner has provisioned it.
+async fn try_durable(env: &Env) -> Option<PullConsumer> {
+    let stream = env.js.get_stream(env.topology().stream_of(Subject::OrderStatus)).await.ok()?;
+    stream.get_consumer(NAME).await.ok()
 }
 
 /// Waits until the durable consumer exists and has nothing pending and nothing awaiting an ack.
@@ -345,14 +350,14 @@ async fn a_dead_letter_that_cannot_be_stored_is_retried_until_it_is() {
     env.publisher.publish(&job("a", 1, Mode::AlwaysTransient)).await.unwrap();
     // Its deliveries are used up and the dead letter failed, more than once: the message keeps coming back.
     testkit::eventually(Duration::from_secs(20), "deliveries past max_deliver", || async {
-        let mut c = durable(&env).await;
+        let mut c = try_durable(&env).await?;
         let info = c.info().await.ok()?;
         (info.delivered.stream_sequence == 1 && info.num_ack_pending == 1 && rec.calls_for("a-1").len() == 2)
             .then_some(())
     })
     .await;
     testkit::eventually(Duration::from_secs(20), "a third delivery after the failed dead letter", || async {
-        let mut c = durable(&env).await;
+        let mut c = try_durable(&env).await?;
         let info = c.info().await.ok()?;
         (info.num_redelivered >= 1 && info.ack_floor.stream_sequence == 0).then_some(())
     })

@@ -64,10 +64,12 @@ pub fn document() -> Value {
                     "refreshAfter": { "type": "integer", "description": "unix seconds" }
                 })),
                 "Order": { "type": "object", "properties": {
-                    "id": { "type": "integer" }, "sn": { "type": "string" }, "homestayId": { "type": "integer" },
+                    "id": { "type": "integer" }, "sn": { "type": "string" }, "userId": { "type": "integer" },
+                    "homestayId": { "type": "integer" }, "homestayBusinessId": { "type": "integer" },
+                    "homestayUserId": { "type": "integer" },
                     "title": { "type": "string" }, "subTitle": { "type": "string" }, "cover": { "type": "string" },
                     "info": { "type": "string" }, "peopleNum": { "type": "integer" }, "rowType": { "type": "integer" },
-                    "needFood": { "type": "boolean" }, "foodInfo": { "type": "string" },
+                    "needFood": { "type": "integer", "enum": [0, 1], "description": "1 with meals (looklook's int)" }, "foodInfo": { "type": "string" },
                     "foodPrice": { "type": "integer", "description": "fen" }, "homestayPrice": { "type": "integer", "description": "fen" },
                     "marketHomestayPrice": { "type": "integer", "description": "fen" },
                     "liveStartDate": { "type": "integer" }, "liveEndDate": { "type": "integer" }, "livePeopleNum": { "type": "integer" },

@@ -168,20 +168,24 @@ pub async fn create(
     Err(ApiError::Unavailable("could not draw a unique order serial".into()))
 }
 
-/// An order as the front end sees it: money in fen, times in unix seconds.
+/// An order as the front end sees it, with looklook's names and JSON types (`needFood` 0 or 1, as looklook's
+/// `int64`): money in fen, times in unix seconds.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct OrderView {
     id: i64,
     sn: String,
+    user_id: i64,
     homestay_id: i64,
+    homestay_business_id: i64,
+    homestay_user_id: i64,
     title: String,
     sub_title: String,
     cover: String,
     info: String,
     people_num: i32,
     row_type: i16,
-    need_food: bool,
+    need_food: i64,
     food_info: String,
     food_price: i64,
     homestay_price: i64,
@@ -204,14 +208,17 @@ impl From<OrderRow> for OrderView {
         OrderView {
             id: o.id,
             sn: o.sn,
+            user_id: o.user_id,
             homestay_id: o.homestay_id,
+            homestay_business_id: o.homestay_business_id,
+            homestay_user_id: o.homestay_user_id,
             title: o.title,
             sub_title: o.sub_title,
             cover: o.cover,
             info: o.info,
             people_num: o.people_num,
             row_type: o.row_type,
-            need_food: o.need_food,
+            need_food: i64::from(o.need_food),
             food_info: o.food_info,
             food_price: o.food_price,
             homestay_price: o.homestay_price,

@@ -6,6 +6,7 @@ mod common;
 mod callbacks;
 mod http;
 mod limits;
+mod looklook;
 mod orders;
 mod payments;
 mod users;
