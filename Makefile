@@ -36,6 +36,7 @@ k8s:
 test: lint rules infra
 	$(WITH_INFRA) $(CARGO) test --workspace --no-fail-fast
 	@$(MAKE) --no-print-directory k8s
+	@scripts/check-infra-private-dir.sh
 
 bench: toolchain infra
 	$(CARGO) build -q --release -p paystream
