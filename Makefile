@@ -8,7 +8,7 @@ CARGO ?= cargo
 # Tests and tools read the infrastructure's addresses from here (written by scripts/infra.sh up).
 WITH_INFRA := set -a; source .run/infra.env; set +a;
 
-.PHONY: demo test lint rules k8s infra infra-down bench bench-pipeline bench-e2e bench-prepay bench-ingest toolchain image-rehearsal
+.PHONY: demo test lint rules k8s infra infra-down bench bench-pipeline bench-e2e bench-statements bench-prepay bench-ingest toolchain image-rehearsal
 
 toolchain:
 	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs) and retry" >&2; exit 1; }
@@ -52,6 +52,12 @@ bench-pipeline: toolchain infra
 bench-e2e: toolchain infra
 	$(CARGO) build -q --release -p paystream
 	$(WITH_INFRA) PAYSTREAM__TELEMETRY__LOG_FILTER=warn target/release/paystream bench e2e $(ARGS)
+
+# bench-e2e with PostgreSQL's statements by planning and execution time over the first counted window
+# (pg_stat_statements loaded into the private cluster; scripts/bench-statements.sh).
+bench-statements: toolchain infra
+	$(CARGO) build -q --release -p paystream
+	scripts/bench-statements.sh $(ARGS)
 
 # Prepay (two RSA signatures) per ingress CPU-second beside one thread's RSA-2048 signing rate ÷ 2, on a sandbox and
 # an ingress it starts itself; e.g. make bench-prepay ARGS="--prepays 1000 --concurrency 8" (paystream bench prepay --help).
