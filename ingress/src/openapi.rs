@@ -12,6 +12,7 @@ fn envelope(data: Value) -> Value {
 }
 
 fn op(summary: &str, auth: bool, body: Value, data: Value, errors: &[(&str, &str)]) -> Value {
+    let body_required = body["required"].as_array().is_some_and(|r| !r.is_empty()) || body.get("anyOf").is_some();
     let mut responses = serde_json::Map::new();
     responses.insert(
         "200".into(),
@@ -25,7 +26,8 @@ fn op(summary: &str, auth: bool, body: Value, data: Value, errors: &[(&str, &str
     }
     let mut o = json!({
         "summary": summary,
-        "requestBody": { "required": true, "content": { "application/json": { "schema": body } } },
+        // An endpoint whose every field is optional also answers a request without a body.
+        "requestBody": { "required": body_required, "content": { "application/json": { "schema": body } } },
         "responses": responses,
     });
     if auth {
@@ -47,6 +49,7 @@ pub fn document() -> Value {
     let unauth = ("401", "missing, expired or forged access token");
     let invalid = ("422", "a business rule is broken (the message says which)");
     let not_found = ("404", "no such order among yours");
+    let limited = ("429", "over a rate limit (42900); retry after Retry-After");
     json!({
         "openapi": "3.0.3",
         "info": {
@@ -83,10 +86,11 @@ pub fn document() -> Value {
         "paths": {
             "/usercenter/v1/user/register": op("Register with mobile and password", false,
                 obj(&["mobile", "password"], json!({ "mobile": { "type": "string" }, "password": { "type": "string", "minLength": 8 } })),
-                token.clone(), &[bad, invalid, ("409", "mobile already registered")]),
+                token.clone(), &[bad, invalid, ("409", "mobile already registered"), limited]),
             "/usercenter/v1/user/login": op("Log in with mobile and password", false,
                 obj(&["mobile", "password"], json!({ "mobile": { "type": "string" }, "password": { "type": "string" } })),
-                token.clone(), &[bad, ("401", "mobile or password is wrong")]),
+                token.clone(), &[bad, ("401", "mobile or password is wrong"), invalid, limited,
+                                 ("503", "too many logins are being checked right now (50302); retry after Retry-After")]),
             "/usercenter/v1/user/wxMiniAuth": op("Log in with a wx.login code (creates the user on first login)", false,
                 obj(&["code"], json!({
                     "code": { "type": "string", "minLength": 1, "maxLength": 128 },
@@ -108,7 +112,7 @@ pub fn document() -> Value {
                     "livePeopleNum": { "type": "integer", "minimum": 1 }, "remark": { "type": "string", "maxLength": 200 }
                 })),
                 json!({ "type": "object", "properties": { "orderSn": { "type": "string" } } }),
-                &[bad, unauth, ("404", "no such homestay"), invalid]),
+                &[bad, unauth, ("404", "no such homestay"), ("409", "too many unpaid orders (40908)"), invalid, limited]),
             "/order/v1/homestayOrder/userHomestayOrderList": op("The caller's orders, newest first (cursor paging)", true,
                 obj(&[], json!({
                     "lastId": { "type": "integer", "description": "id of the last order of the previous page; 0 for the first" },
@@ -129,7 +133,7 @@ pub fn document() -> Value {
                     "refundState": { "type": "string", "enum": ["requested", "processing", "succeeded", "failed"] },
                     "refundTotal": { "type": "integer", "description": "fen" }
                 } }),
-                &[bad, unauth, not_found, ("409", "not paid, already used or refunded (40906), or the stay has started (40907)")]),
+                &[bad, unauth, not_found, ("409", "not paid, already used or refunded (40906), or the stay has started (40907)"), limited]),
             "/payment/v1/thirdPayment/thirdPaymentWxPay": op("WeChat JSAPI prepay: the parameters for wx.requestPayment", true,
                 obj(&["orderSn", "serviceType"], json!({ "orderSn": { "type": "string" }, "serviceType": { "type": "string", "enum": ["homestayOrder"] } })),
                 json!({ "type": "object", "properties": {
@@ -137,14 +141,16 @@ pub fn document() -> Value {
                     "paySign": { "type": "string" }, "signType": { "type": "string", "enum": ["RSA"] },
                     "timestamp": { "type": "string" }, "paySn": { "type": "string" }
                 } }),
-                &[bad, unauth, not_found, ("409", "order already paid, closed or past its deadline"), ("422", "log in with WeChat first"), ("502", "WeChat Pay unavailable or refused")]),
+                &[bad, unauth, not_found, ("409", "order already paid, closed or past its deadline"), ("422", "log in with WeChat first"), limited, ("502", "WeChat Pay unavailable or refused")]),
             "/payment/v1/thirdPayment/thirdPaymentWxPayStatus": op("Payment and order state (trust this, not the mini-program's own result)", true,
-                obj(&[], json!({ "orderSn": { "type": "string" }, "sn": { "type": "string", "description": "payment or order serial" } })),
+                json!({ "type": "object", "additionalProperties": false,
+                        "properties": { "orderSn": { "type": "string" }, "sn": { "type": "string", "description": "payment or order serial" } },
+                        "anyOf": [{ "required": ["orderSn"] }, { "required": ["sn"] }] }),
                 json!({ "type": "object", "properties": {
                     "paySn": { "type": "string", "nullable": true }, "payStatus": { "type": "integer", "nullable": true, "description": "-1 closed, 0 waiting, 1 paid, 2 refunded" },
                     "orderSn": { "type": "string" }, "tradeState": { "type": "integer" }, "payTime": { "type": "integer" }
                 } }),
-                &[bad, unauth, not_found]),
+                &[bad, unauth, not_found, invalid, limited]),
             "/payment/v1/thirdPayment/thirdPaymentWxPayCallback": { "post": {
                 "summary": "WeChat Pay's payment callback (WeChat only): 204 once stored, else {\"code\":\"FAIL\",\"message\"}",
                 "security": [],
@@ -156,6 +162,7 @@ pub fn document() -> Value {
                 }
             } },
             "/healthz": { "get": { "summary": "alive", "security": [], "responses": { "200": { "description": "ok" } } } },
+            "/openapi.json": { "get": { "summary": "this document", "security": [], "responses": { "200": { "description": "OpenAPI 3.0" } } } },
             "/readyz": { "get": { "summary": "Postgres and NATS reachable", "security": [], "responses": { "200": { "description": "ready" }, "503": { "description": "not ready" } } } },
             "/metrics": { "get": { "summary": "Prometheus metrics", "security": [], "responses": { "200": { "description": "text exposition format" } } } }
         }

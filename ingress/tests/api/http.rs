@@ -224,3 +224,31 @@ async fn every_route_answers_its_method_and_its_counters_exist_from_the_start() 
     }
     assert!(metrics.contains(r#"paystream_http_requests_total{method="POST",route="unmatched",status_class="4xx"}"#));
 }
+
+/// The OpenAPI document describes every route the router serves, with the method it answers; a body whose fields
+/// are all optional is not required (the server answers without one), and the status endpoint says it needs
+/// `orderSn` or `sn`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_covers_every_route_as_served() {
+    let app = spawn_app().await;
+    let doc: Value = app.http.get(format!("{}/openapi.json", app.base)).send().await.unwrap().json().await.unwrap();
+    for (method, route) in ingress::API_ROUTES {
+        let op = &doc["paths"][route][method.as_str().to_lowercase()];
+        assert!(op.is_object(), "{method} {route} is served but not documented");
+    }
+    let body_required = |route: &str| doc["paths"][route]["post"]["requestBody"]["required"].as_bool();
+    for route in ["/usercenter/v1/user/detail", "/order/v1/homestayOrder/userHomestayOrderList"] {
+        assert_eq!(body_required(route), Some(false), "{route}");
+        let (status, body) = app.post_raw(route, Vec::new(), None).await;
+        assert_ne!(status, StatusCode::BAD_REQUEST, "{route} without a body: {body}");
+    }
+    assert_eq!(body_required("/usercenter/v1/user/login"), Some(true));
+    let status_body = &doc["paths"]["/payment/v1/thirdPayment/thirdPaymentWxPayStatus"]["post"]["requestBody"];
+    assert_eq!(status_body["required"], true);
+    assert_eq!(
+        status_body["content"]["application/json"]["schema"]["anyOf"],
+        json!([{ "required": ["orderSn"] }, { "required": ["sn"] }])
+    );
+    let login = &doc["paths"]["/usercenter/v1/user/login"]["post"]["responses"];
+    assert!(login["429"].is_object() && login["503"].is_object(), "{login}");
+}
