@@ -1,8 +1,9 @@
 //! Observability checked live: a real Prometheus server (Debian's `prometheus` package, which `make test`'s rules
-//! step installs) scrapes a running `paystream all` once a second while a payment flows. Every query of the
+//! step installs) scrapes a running `paystream all` once a second through a payment, a refund, a restart of the
+//! process and another payment. Every query of the
 //! Grafana dashboard must be accepted by that Prometheus (`$namespace`, `$__range` and `$__rate_interval` filled in
-//! as Grafana would), and the funnel's four steps must each count the payment (their series exist from the start,
-//! so `increase()` sees the first one).
+//! as Grafana would); the funnel's four steps and the refund's arrows count what happened (their series exist from
+//! the start, so `increase()` sees the first one, also after the restart).
 
 mod common;
 
@@ -131,6 +132,44 @@ async fn a_real_prometheus_accepts_every_panel_and_the_funnel_counts_a_payment()
         })
         .await;
         assert!(counted < 3.0, "{step} = {counted}: one payment");
+    }
+
+    // A refund: both refund arrows and the refund outcome show (their series exist from the start too).
+    let asked =
+        sys.ok("/order/v1/homestayOrder/refundHomestayOrder", Some(&alice), serde_json::json!({ "sn": order })).await;
+    assert_eq!(asked["refundState"], "requested", "{asked}");
+    for panel in [
+        r#"sum(increase(paystream_payment_transitions_total{from="Paid",to="Refunded"}[10m]))"#,
+        r#"sum(increase(paystream_order_transitions_total{from="WaitUse",to="Refunded"}[10m]))"#,
+        r#"sum(increase(paystream_refunds_total{outcome="succeeded"}[10m]))"#,
+    ] {
+        let counted = testkit::eventually(Duration::from_secs(30), "the refund counted", || async {
+            prom.value(panel).await.filter(|v| *v >= 0.5)
+        })
+        .await;
+        assert!(counted < 3.0, "{panel} = {counted}: one refund");
+    }
+
+    // A restart (a deployment): the counters start again at 0, and the next payment is still counted, so the
+    // funnel over the range holds both.
+    let mut sys = sys;
+    sys.restart_all().await;
+    // Prometheus tells a restart from a counter going down: it must scrape the new process's zeros before the next
+    // payment moves them (a counter that goes 1 → restart → 1 between two scrapes looks unchanged to any Prometheus).
+    testkit::eventually(Duration::from_secs(30), "the restarted process scraped at 0", || async {
+        let prepays = r#"sum(paystream_http_requests_total{route="/payment/v1/thirdPayment/thirdPaymentWxPay",status_class="2xx"})"#;
+        (prom.value(prepays).await == Some(0.0)).then_some(())
+    })
+    .await;
+    let bob = sys.login("bob").await;
+    let (order, payment) = sys.book_and_prepay(&bob).await;
+    sys.pay_at_wechat(&payment).await;
+    sys.until_paid(&bob, &order).await;
+    for step in funnel {
+        testkit::eventually(Duration::from_secs(30), "both payments in the funnel after the restart", || async {
+            prom.value(step).await.filter(|v| *v >= 1.5)
+        })
+        .await;
     }
 
     let queries = dashboard_queries();

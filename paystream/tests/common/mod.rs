@@ -42,6 +42,8 @@ pub struct System {
     pub admin: String,
     pub children: Vec<Child>,
     pub http: reqwest::Client,
+    /// The extra environment `paystream all` was started with (for [`System::restart_all`]).
+    all_env: Vec<(String, String)>,
 }
 
 pub fn paystream() -> Command {
@@ -98,26 +100,54 @@ impl System {
             admin: format!("http://127.0.0.1:{admin_port}"),
             children: vec![sandbox],
             http: reqwest::Client::new(),
+            all_env: env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
         };
-        let mut all = sys.paystream();
+        let all = sys.spawn_all(false);
+        sys.children.push(all);
+        sys.until_ready().await;
+        sys
+    }
+
+    /// `paystream all` on this system's ports, logging to all.log (appended to after a restart).
+    fn spawn_all(&self, append_log: bool) -> Child {
+        let port = |url: &str| url.rsplit(':').next().unwrap().to_owned();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(append_log)
+            .write(true)
+            .truncate(!append_log)
+            .open(self.dir.join("all.log"))
+            .unwrap();
+        let mut all = self.paystream();
         all.arg("all")
-            .env("PAYSTREAM__HTTP__LISTEN", format!("127.0.0.1:{http_port}"))
-            .env("PAYSTREAM__ADMIN__LISTEN", format!("127.0.0.1:{admin_port}"))
+            .env("PAYSTREAM__HTTP__LISTEN", format!("127.0.0.1:{}", port(&self.api)))
+            .env("PAYSTREAM__ADMIN__LISTEN", format!("127.0.0.1:{}", port(&self.admin)))
             .env("PAYSTREAM__TELEMETRY__LOG_FORMAT", "json")
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(sys.dir.join("all.log")).unwrap());
-        for (k, v) in env {
+            .stderr(log);
+        for (k, v) in &self.all_env {
             all.env(k, v);
         }
-        let all = all.spawn().unwrap();
-        sys.children.push(all);
-        let ready = format!("http://127.0.0.1:{admin_port}/readyz");
+        all.spawn().unwrap()
+    }
+
+    async fn until_ready(&self) {
+        let ready = format!("{}/readyz", self.admin);
         testkit::eventually(Duration::from_secs(30), "paystream all ready", || {
-            let (http, ready) = (sys.http.clone(), ready.clone());
+            let (http, ready) = (self.http.clone(), ready.clone());
             async move { http.get(&ready).send().await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
         })
         .await;
-        sys
+    }
+
+    /// Stops `paystream all` (SIGTERM, as a deployment does) and starts it again on the same ports.
+    pub async fn restart_all(&mut self) {
+        let mut old = self.children.remove(1);
+        let _ = Command::new("kill").args(["-TERM", &old.id().to_string()]).status();
+        let _ = old.wait();
+        let new = self.spawn_all(true);
+        self.children.insert(1, new);
+        self.until_ready().await;
     }
 
     /// `paystream --config all.toml` with this system's database, NATS and prefix.
