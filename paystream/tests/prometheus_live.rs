@@ -99,6 +99,33 @@ fn dashboard_queries() -> Vec<String> {
         .collect()
 }
 
+/// Every alert's `expr` (all written as `expr: |` blocks in alerts.yml).
+fn alert_expressions() -> Vec<String> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../k8s/observability/alerts.yml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let mut exprs = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let line = lines[i];
+        if line.trim_start() == "expr: |" {
+            let indent = line.len() - line.trim_start().len();
+            let mut body = Vec::new();
+            i += 1;
+            while i < lines.len()
+                && (lines[i].trim().is_empty() || lines[i].len() - lines[i].trim_start().len() > indent)
+            {
+                body.push(lines[i].trim());
+                i += 1;
+            }
+            exprs.push(body.join(" ").trim().to_owned());
+            continue;
+        }
+        i += 1;
+    }
+    exprs
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_real_prometheus_accepts_every_panel_and_the_funnel_counts_a_payment() {
     let sys = System::start().await;
@@ -181,4 +208,12 @@ async fn a_real_prometheus_accepts_every_panel_and_the_funnel_counts_a_payment()
         }
     }
     assert!(refused.is_empty(), "Prometheus refused {} panel queries:\n{}", refused.len(), refused.join("\n"));
+
+    // Every alert expression evaluates, and none fires on this healthy run (a `for:` aside, the condition is false).
+    let alerts = alert_expressions();
+    assert!(alerts.len() >= 15, "{} alert expressions read", alerts.len());
+    for expr in &alerts {
+        let firing = prom.query(expr).await.unwrap_or_else(|e| panic!("Prometheus refused {expr}: {e}"));
+        assert!(firing.is_empty(), "{expr} holds on a healthy system: {firing:?}");
+    }
 }
