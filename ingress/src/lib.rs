@@ -103,44 +103,34 @@ impl axum::extract::FromRequestParts<AppState> for ClientIp {
     }
 }
 
-/// The API's routes and their methods. The router is built from this table, and the HTTP metrics of every route
-/// exist from the start (at 0), so a rate or an increase counts a route's first request after a restart.
-pub const API_ROUTES: [(Method, &str); 13] = [
-    (Method::POST, "/usercenter/v1/user/register"),
-    (Method::POST, "/usercenter/v1/user/login"),
-    (Method::POST, "/usercenter/v1/user/wxMiniAuth"),
-    (Method::POST, "/usercenter/v1/user/detail"),
-    (Method::POST, "/order/v1/homestayOrder/createHomestayOrder"),
-    (Method::POST, "/order/v1/homestayOrder/userHomestayOrderList"),
-    (Method::POST, "/order/v1/homestayOrder/userHomestayOrderDetail"),
-    (Method::POST, "/order/v1/homestayOrder/refundHomestayOrder"),
-    (Method::POST, "/payment/v1/thirdPayment/thirdPaymentWxPay"),
-    (Method::POST, "/payment/v1/thirdPayment/thirdPaymentWxPayStatus"),
-    (Method::POST, CALLBACK_PATH),
-    (Method::GET, "/healthz"),
-    (Method::GET, "/openapi.json"),
-];
+/// Builds a route's handler for the method its row gives.
+type Endpoint = fn(axum::routing::MethodFilter) -> axum::routing::MethodRouter<AppState>;
 
-/// The handler of one of [`API_ROUTES`], for the method the table gives it.
-fn endpoint(method: &Method, path: &str) -> axum::routing::MethodRouter<AppState> {
-    use axum::routing::{MethodFilter, on};
-    let m = MethodFilter::try_from(method.clone()).expect("API_ROUTES holds standard methods");
-    match path {
-        "/usercenter/v1/user/register" => on(m, routes::user::register),
-        "/usercenter/v1/user/login" => on(m, routes::user::login),
-        "/usercenter/v1/user/wxMiniAuth" => on(m, routes::user::wx_mini_auth),
-        "/usercenter/v1/user/detail" => on(m, routes::user::detail),
-        "/order/v1/homestayOrder/createHomestayOrder" => on(m, routes::order::create),
-        "/order/v1/homestayOrder/userHomestayOrderList" => on(m, routes::order::list),
-        "/order/v1/homestayOrder/userHomestayOrderDetail" => on(m, routes::order::detail),
-        "/order/v1/homestayOrder/refundHomestayOrder" => on(m, routes::order::refund),
-        "/payment/v1/thirdPayment/thirdPaymentWxPay" => on(m, routes::payment::prepay),
-        "/payment/v1/thirdPayment/thirdPaymentWxPayStatus" => on(m, routes::payment::status),
-        CALLBACK_PATH => on(m, callback::handle),
-        "/healthz" => on(m, || async { "ok" }),
-        "/openapi.json" => on(m, || async { Json(openapi::document()) }),
-        other => unreachable!("{other} is in API_ROUTES without a handler"),
-    }
+/// The API's routes: method, path and handler, each once. The router is built from this table, and the HTTP
+/// metrics of every route exist from the start (at 0), so a rate or an increase counts a route's first request
+/// after a restart.
+const ENDPOINTS: [(Method, &str, Endpoint); 13] = {
+    use axum::routing::on;
+    [
+        (Method::POST, "/usercenter/v1/user/register", |m| on(m, routes::user::register)),
+        (Method::POST, "/usercenter/v1/user/login", |m| on(m, routes::user::login)),
+        (Method::POST, "/usercenter/v1/user/wxMiniAuth", |m| on(m, routes::user::wx_mini_auth)),
+        (Method::POST, "/usercenter/v1/user/detail", |m| on(m, routes::user::detail)),
+        (Method::POST, "/order/v1/homestayOrder/createHomestayOrder", |m| on(m, routes::order::create)),
+        (Method::POST, "/order/v1/homestayOrder/userHomestayOrderList", |m| on(m, routes::order::list)),
+        (Method::POST, "/order/v1/homestayOrder/userHomestayOrderDetail", |m| on(m, routes::order::detail)),
+        (Method::POST, "/order/v1/homestayOrder/refundHomestayOrder", |m| on(m, routes::order::refund)),
+        (Method::POST, "/payment/v1/thirdPayment/thirdPaymentWxPay", |m| on(m, routes::payment::prepay)),
+        (Method::POST, "/payment/v1/thirdPayment/thirdPaymentWxPayStatus", |m| on(m, routes::payment::status)),
+        (Method::POST, CALLBACK_PATH, |m| on(m, callback::handle)),
+        (Method::GET, "/healthz", |m| on(m, || async { "ok" })),
+        (Method::GET, "/openapi.json", |m| on(m, || async { Json(openapi::document()) })),
+    ]
+};
+
+/// The API's routes and their methods, as the router serves them.
+pub fn api_routes() -> impl Iterator<Item = (&'static Method, &'static str)> {
+    ENDPOINTS.iter().map(|(method, path, _)| (method, *path))
 }
 
 /// The whole API with its middleware: request ids (`X-Request-Id`, generated when absent, echoed), tracing, HTTP
@@ -157,9 +147,12 @@ pub fn router(deps: Deps) -> Router {
         deps,
     }));
 
-    // Built from API_ROUTES, whose every route and status class the metrics export at 0 from the start.
-    metrics::preregister(&API_ROUTES);
-    let api = API_ROUTES.iter().fold(Router::new(), |api, (method, path)| api.route(path, endpoint(method, path)));
+    // Built from ENDPOINTS, whose every route and status class the metrics export at 0 from the start.
+    metrics::preregister(api_routes());
+    let api = ENDPOINTS.iter().fold(Router::new(), |api, (method, path, endpoint)| {
+        let filter = axum::routing::MethodFilter::try_from(method.clone()).expect("ENDPOINTS holds standard methods");
+        api.route(path, endpoint(filter))
+    });
     let api = if cfg.public_ops_routes { api.route("/readyz", get(readyz)) } else { api };
     let api = api
         .fallback(|| async { error::error_body(StatusCode::NOT_FOUND, 40400, "no such endpoint") })

@@ -120,11 +120,11 @@ fn method_label(m: &Method) -> &'static str {
 /// Exports every route's request counter at 0 for each status class it can answer with (and the unmatched paths'
 /// 4xx), so `rate()` and `increase()` count the first request of a process, and a ratio reads 0 rather than no
 /// data while nothing failed.
-pub fn preregister(routes: &[(Method, &str)]) {
+pub fn preregister<'a>(routes: impl IntoIterator<Item = (&'a Method, &'a str)>) {
     let m = m();
     for (method, route) in routes {
         for class in ["2xx", "4xx", "5xx"] {
-            m.requests.with_label_values(&[*route, method_label(method), class]);
+            m.requests.with_label_values(&[route, method_label(method), class]);
         }
     }
     for method in ["GET", "POST"] {

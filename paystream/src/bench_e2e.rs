@@ -964,6 +964,26 @@ fn header_map(headers: Vec<(&'static str, String)>) -> anyhow::Result<(HeaderMap
 }
 
 /// Sends callback i at `t0 + i/rate`, each on a task of its own, whatever the answers to the others.
+/// POSTs `body` and answers the HTTP status, or what kept it from coming (timeout, connect, transport).
+pub(crate) async fn post_status(
+    http: &reqwest::Client,
+    url: &str,
+    headers: HeaderMap,
+    body: impl Into<reqwest::Body>,
+) -> Result<u16, String> {
+    match http.post(url).headers(headers).body(body).send().await {
+        Ok(resp) => {
+            let status = resp.status().as_u16();
+            // Read the (empty or short) body so the connection goes back to the pool.
+            let _ = resp.bytes().await;
+            Ok(status)
+        }
+        Err(e) if e.is_timeout() => Err("timeout".to_owned()),
+        Err(e) if e.is_connect() => Err("connect".to_owned()),
+        Err(e) => Err(format!("transport: {e}")),
+    }
+}
+
 async fn send_open_loop(
     url: &str,
     headers: Vec<(HeaderMap, i64)>,
@@ -984,17 +1004,7 @@ async fn send_open_loop(
         let (http, url, body) = (http.clone(), url.clone(), p.body.clone());
         tasks.push(tokio::spawn(async move {
             let sent = Instant::now();
-            let status = match http.post(&*url).headers(h).body(body).send().await {
-                Ok(resp) => {
-                    let status = resp.status().as_u16();
-                    // Read the (empty or short) body so the connection goes back to the pool.
-                    let _ = resp.bytes().await;
-                    Ok(status)
-                }
-                Err(e) if e.is_timeout() => Err("timeout".to_owned()),
-                Err(e) if e.is_connect() => Err("connect".to_owned()),
-                Err(e) => Err(format!("transport: {e}")),
-            };
+            let status = post_status(&http, &url, h, body).await;
             Sent { sent, answered: Instant::now(), status }
         }));
     }

@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 
 use crate::bench_e2e::{
     Api, Bed, BedSpec, CALLBACK_TIMEOUT, Cleanup, MAX_SIGNATURE_AGE_SECS, Measured, Prepared, book, clock_ticks,
-    duration, first_homestay, guarded, login, measured_processes, sign_all,
+    duration, first_homestay, guarded, login, measured_processes, post_status, sign_all,
 };
 use crate::config::Config;
 
@@ -446,30 +446,56 @@ async fn run_prepays(
     range: std::ops::Range<usize>,
     concurrency: usize,
 ) -> Vec<(usize, Answer)> {
+    let (api, booked) = (api.clone(), booked.clone());
+    let work = move |i: usize| {
+        let (api, booked) = (api.clone(), booked.clone());
+        async move {
+            let start = Instant::now();
+            let result = prepay_once(&api, &booked[i]).await;
+            (i, Answer { latency: start.elapsed().as_secs_f64(), result })
+        }
+    };
+    closed_loop(range, concurrency, work, |e| {
+        (usize::MAX, Answer { latency: 0.0, result: Err(format!("worker: {e}")) })
+    })
+    .await
+}
+
+/// Runs `work(i)` for every `i` of `range` on `workers` tasks, each taking the next index as soon as it is free (a
+/// closed loop: at most `workers` in flight); results in completion order, a worker that died as `died(reason)`.
+async fn closed_loop<T, F, Fut>(
+    range: std::ops::Range<usize>,
+    workers: usize,
+    work: F,
+    died: impl Fn(String) -> T,
+) -> Vec<T>
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = T> + Send,
+    T: Send + 'static,
+{
     let next = Arc::new(AtomicUsize::new(range.start));
     let end = range.end;
-    let mut workers = Vec::new();
-    for _ in 0..concurrency {
-        let (api, booked, next) = (api.clone(), booked.clone(), next.clone());
-        workers.push(tokio::spawn(async move {
-            let mut out = Vec::new();
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= end {
-                    return out;
+    let tasks: Vec<_> = (0..workers)
+        .map(|_| {
+            let (work, next) = (work.clone(), next.clone());
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= end {
+                        return out;
+                    }
+                    out.push(work(i).await);
                 }
-                let b = &booked[i];
-                let start = Instant::now();
-                let result = prepay_once(&api, b).await;
-                out.push((i, Answer { latency: start.elapsed().as_secs_f64(), result }));
-            }
-        }));
-    }
-    let mut all = Vec::with_capacity(end - range.start);
-    for w in workers {
-        match w.await {
+            })
+        })
+        .collect();
+    let mut all = Vec::with_capacity(end.saturating_sub(range.start));
+    for t in tasks {
+        match t.await {
             Ok(out) => all.extend(out),
-            Err(e) => all.push((usize::MAX, Answer { latency: 0.0, result: Err(format!("worker: {e}")) })),
+            Err(e) => all.push(died(e.to_string())),
         }
     }
     all
@@ -697,42 +723,17 @@ async fn send_callbacks(
     range: std::ops::Range<usize>,
     in_flight: usize,
 ) -> Vec<SentCallback> {
-    let next = Arc::new(AtomicUsize::new(range.start));
-    let end = range.end;
-    let mut workers = Vec::new();
-    for _ in 0..in_flight {
-        let (http, url, items, next) = (http.clone(), url.clone(), items.clone(), next.clone());
-        workers.push(tokio::spawn(async move {
-            let mut out = Vec::new();
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= end {
-                    return out;
-                }
-                let (headers, body) = &items[i];
-                let start = Instant::now();
-                let status = match http.post(&*url).headers(headers.clone()).body(body.clone()).send().await {
-                    Ok(resp) => {
-                        let status = resp.status().as_u16();
-                        let _ = resp.bytes().await;
-                        Ok(status)
-                    }
-                    Err(e) if e.is_timeout() => Err("timeout".to_owned()),
-                    Err(e) if e.is_connect() => Err("connect".to_owned()),
-                    Err(e) => Err(format!("transport: {e}")),
-                };
-                out.push((start.elapsed().as_secs_f64(), status));
-            }
-        }));
-    }
-    let mut all = Vec::with_capacity(end - range.start);
-    for w in workers {
-        match w.await {
-            Ok(out) => all.extend(out),
-            Err(e) => all.push((0.0, Err(format!("worker: {e}")))),
+    let (http, url, items) = (http.clone(), url.clone(), items.clone());
+    let work = move |i: usize| {
+        let (http, url, items) = (http.clone(), url.clone(), items.clone());
+        async move {
+            let (headers, body) = &items[i];
+            let start = Instant::now();
+            let status = post_status(&http, &url, headers.clone(), body.clone()).await;
+            (start.elapsed().as_secs_f64(), status)
         }
-    }
-    all
+    };
+    closed_loop(range, in_flight, work, |e| (0.0, Err(format!("worker: {e}")))).await
 }
 
 /// RSA-2048 verification of callback signatures on one thread, through the verifier the ingress uses (key by

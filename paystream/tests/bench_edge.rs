@@ -3,26 +3,7 @@
 
 mod common;
 
-use std::process::Stdio;
-
-/// Runs `paystream bench ARGS…` to completion; (stdout, last line).
-fn bench(args: &[&str]) -> (String, String) {
-    let out = common::paystream()
-        .arg("bench")
-        .args(args)
-        .env("PAYSTREAM__DATABASE__URL", testkit::setting("DATABASE_URL"))
-        .env("PAYSTREAM__NATS__URL", testkit::nats_url())
-        .env("PAYSTREAM__TELEMETRY__LOG_FILTER", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "bench {args:?} failed ({}):\n{stdout}\n{stderr}", out.status);
-    let last = stdout.lines().last().unwrap_or_default().to_owned();
-    (stdout, last)
-}
+use common::bench;
 
 #[test]
 fn bench_prepay_runs_briefly_and_every_prepay_is_answered_and_stored() {

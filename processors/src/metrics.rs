@@ -74,20 +74,8 @@ fn m() -> &'static Metrics {
             rejected.with_label_values(&[reason.as_str()]);
         }
         // Every arrow of the two state machines, from the same transition functions the code obeys.
-        for from in PayStatus::ALL {
-            for to in PayStatus::ALL {
-                if from.transition(to) == Ok(Transition::Changed) {
-                    payment_transitions.with_label_values(&[&format!("{from:?}"), &format!("{to:?}")]);
-                }
-            }
-        }
-        for from in TradeState::ALL {
-            for to in TradeState::ALL {
-                if from.transition(to) == Ok(Transition::Changed) {
-                    order_transitions.with_label_values(&[&format!("{from:?}"), &format!("{to:?}")]);
-                }
-            }
-        }
+        every_arrow(&PayStatus::ALL, |a, b| a.transition(b) == Ok(Transition::Changed), &payment_transitions);
+        every_arrow(&TradeState::ALL, |a, b| a.transition(b) == Ok(Transition::Changed), &order_transitions);
         for outcome in ["SUCCESS", "PROCESSING", "CLOSED", "ABNORMAL", "not_at_wechat", "error"] {
             refund_queries.with_label_values(&[outcome]);
         }
@@ -101,6 +89,15 @@ fn m() -> &'static Metrics {
             refunds_unsettled,
         }
     })
+}
+
+/// Exports `counter{from, to}` at 0 for every pair of `states` that `changes`.
+fn every_arrow<S: Copy + std::fmt::Debug>(states: &[S], changes: impl Fn(S, S) -> bool, counter: &IntCounterVec) {
+    for &from in states {
+        for &to in states.iter().filter(|&&to| changes(from, to)) {
+            counter.with_label_values(&[&format!("{from:?}"), &format!("{to:?}")]);
+        }
+    }
 }
 
 pub(crate) fn payment_transition(from: storage::PayStatus, to: storage::PayStatus) {

@@ -256,11 +256,8 @@ impl TimeoutCloser {
     /// Remembers that `sn` could not be closed: the next attempt waits longer each time, and past
     /// [`ATTENTION_AFTER`] attempts refused for a reason that is not an outage, the order waits for a person.
     async fn defer(&self, sn: &OrderSn, reason: &'static str, now: DateTime<Utc>) -> Result<(), StorageError> {
-        let base = chrono::TimeDelta::from_std(self.cfg.interval).unwrap_or(chrono::TimeDelta::seconds(5));
-        let cap = chrono::TimeDelta::from_std(MAX_RETRY_DELAY).expect("a small constant");
-        let delay = |attempts: i32| (base * 2i32.saturating_pow(attempts.clamp(1, 20) as u32 - 1)).min(cap);
         let mut conn = self.pool.get().await?;
-        let attempts = orders::close_deferred(&mut conn, sn, reason, now, delay).await?;
+        let attempts = orders::close_deferred(&mut conn, sn, reason, now, self.cfg.interval, MAX_RETRY_DELAY).await?;
         let outage = matches!(reason, "wechat_unavailable" | "publish_failed");
         if attempts >= ATTENTION_AFTER && !outage {
             let why = match reason {

@@ -233,28 +233,38 @@ pub fn homestay_of(row: &OrderRow) -> HomestayId {
 }
 
 /// The timeout closer could not close `sn` (`reason`, a metric label): counts the attempt and defers the next one
-/// by `delay(attempts so far)` from `now`. Returns the attempts so far.
+/// from `now` by `base` doubled with each attempt before this one, at most `cap`. Returns the attempts so far.
 pub async fn close_deferred(
     conn: &mut Conn,
     sn: &OrderSn,
     reason: &str,
     now: DateTime<Utc>,
-    delay: impl Fn(i32) -> chrono::TimeDelta,
+    base: std::time::Duration,
+    cap: std::time::Duration,
 ) -> Result<i32> {
-    use crate::schema::order_close_attempt as a;
-    let attempts: i32 = diesel::insert_into(a::table)
-        .values((a::order_sn.eq(sn.as_str()), a::attempts.eq(1), a::retry_at.eq(now), a::last_reason.eq(reason)))
-        .on_conflict(a::order_sn)
-        .do_update()
-        .set((a::attempts.eq(a::attempts + 1), a::last_reason.eq(reason)))
-        .returning(a::attempts)
-        .get_result(conn)
-        .await?;
-    diesel::update(a::table.filter(a::order_sn.eq(sn.as_str())))
-        .set(a::retry_at.eq(now + delay(attempts)))
-        .execute(conn)
-        .await?;
-    Ok(attempts)
+    use diesel::sql_types::{Double, Integer, Text, Timestamptz};
+    #[derive(QueryableByName)]
+    struct Attempts {
+        #[diesel(sql_type = Integer)]
+        attempts: i32,
+    }
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+    let row: Attempts = diesel::sql_query(
+        "INSERT INTO order_close_attempt (order_sn, attempts, retry_at, last_reason) \
+         VALUES ($1, 1, $2 + LEAST($3, $4) * interval '1 millisecond', $5) \
+         ON CONFLICT (order_sn) DO UPDATE SET attempts = order_close_attempt.attempts + 1, \
+             last_reason = EXCLUDED.last_reason, \
+             retry_at = $2 + LEAST($3 * power(2, order_close_attempt.attempts), $4) * interval '1 millisecond' \
+         RETURNING attempts",
+    )
+    .bind::<Text, _>(sn.as_str())
+    .bind::<Timestamptz, _>(now)
+    .bind::<Double, _>(ms(base))
+    .bind::<Double, _>(ms(cap))
+    .bind::<Text, _>(reason)
+    .get_result(conn)
+    .await?;
+    Ok(row.attempts)
 }
 
 /// Takes `sn` out of the closer's passes until a person looks at it ([`resolve_attention`]).

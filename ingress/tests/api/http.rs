@@ -206,13 +206,13 @@ async fn by_default_the_public_port_shows_no_readiness_or_metrics_and_ignores_a_
 async fn every_route_answers_its_method_and_its_counters_exist_from_the_start() {
     let app = spawn_app().await;
     let metrics = app.http.get(format!("{}/metrics", app.base)).send().await.unwrap().text().await.unwrap();
-    for (method, route) in ingress::API_ROUTES {
+    for (method, route) in ingress::api_routes() {
         for class in ["2xx", "4xx", "5xx"] {
             let series =
                 format!(r#"paystream_http_requests_total{{method="{method}",route="{route}",status_class="{class}"}}"#);
             assert!(metrics.contains(&series), "{series} missing before any request");
         }
-        let other = if method == reqwest::Method::GET { reqwest::Method::POST } else { reqwest::Method::GET };
+        let other = if *method == reqwest::Method::GET { reqwest::Method::POST } else { reqwest::Method::GET };
         let resp = app.http.request(other.clone(), format!("{}{route}", app.base)).send().await.unwrap();
         assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED, "{other} {route}");
         let resp = app.http.request(method.clone(), format!("{}{route}", app.base)).send().await.unwrap();
@@ -232,7 +232,7 @@ async fn every_route_answers_its_method_and_its_counters_exist_from_the_start() 
 async fn the_openapi_document_covers_every_route_as_served() {
     let app = spawn_app().await;
     let doc: Value = app.http.get(format!("{}/openapi.json", app.base)).send().await.unwrap().json().await.unwrap();
-    for (method, route) in ingress::API_ROUTES {
+    for (method, route) in ingress::api_routes() {
         let op = &doc["paths"][route][method.as_str().to_lowercase()];
         assert!(op.is_object(), "{method} {route} is served but not documented");
     }

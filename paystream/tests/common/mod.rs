@@ -57,6 +57,25 @@ pub fn paystream() -> Command {
     c
 }
 
+/// Runs `paystream bench ARGS…` against the test infrastructure to completion; (stdout, last line).
+pub fn bench(args: &[&str]) -> (String, String) {
+    let out = paystream()
+        .arg("bench")
+        .args(args)
+        .env("PAYSTREAM__DATABASE__URL", testkit::setting("DATABASE_URL"))
+        .env("PAYSTREAM__NATS__URL", testkit::nats_url())
+        .env("PAYSTREAM__TELEMETRY__LOG_FILTER", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench {args:?} failed ({}):\n{stdout}\n{stderr}", out.status);
+    let last = stdout.lines().last().unwrap_or_default().to_owned();
+    (stdout, last)
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
