@@ -7,6 +7,8 @@ SHELL := /bin/bash
 CARGO ?= cargo
 # Tests and tools read the infrastructure's addresses from here (written by scripts/infra.sh up).
 WITH_INFRA := set -a; source .run/infra.env; set +a;
+# Where cargo builds (a CARGO_TARGET_DIR of the environment is honoured, as cargo does).
+TARGET := $(or $(CARGO_TARGET_DIR),target)
 
 .PHONY: demo test lint rules k8s infra infra-down bench bench-pipeline bench-e2e bench-statements bench-prepay bench-ingest toolchain image-rehearsal
 
@@ -40,18 +42,18 @@ test: lint rules infra
 
 bench: toolchain infra
 	$(CARGO) build -q --release -p paystream
-	$(WITH_INFRA) PAYSTREAM__TELEMETRY__LOG_FILTER=warn target/release/paystream bench bus
+	$(WITH_INFRA) PAYSTREAM__TELEMETRY__LOG_FILTER=warn $(TARGET)/release/paystream bench bus
 
 bench-pipeline: toolchain infra
 	$(CARGO) build -q --release -p paystream
-	PAYSTREAM_BIN=target/release/paystream scripts/demo.sh bench
+	PAYSTREAM_BIN=$(TARGET)/release/paystream scripts/demo.sh bench
 
 # Open loop, end to end (callback → order paid → notifications) at fixed offered rates, on a system it starts itself;
 # options pass through ARGS, e.g. make bench-e2e ARGS="--rates 500 --duration 10s" (paystream bench e2e --help);
 # --fsync both adds a run with PostgreSQL's production durability, --roles-bin PATH runs the roles from another build.
 bench-e2e: toolchain infra
 	$(CARGO) build -q --release -p paystream
-	$(WITH_INFRA) PAYSTREAM__TELEMETRY__LOG_FILTER=warn target/release/paystream bench e2e $(ARGS)
+	$(WITH_INFRA) PAYSTREAM__TELEMETRY__LOG_FILTER=warn $(TARGET)/release/paystream bench e2e $(ARGS)
 
 # bench-e2e with PostgreSQL's statements by planning and execution time over the first counted window
 # (pg_stat_statements loaded into the private cluster; scripts/bench-statements.sh).
@@ -63,13 +65,13 @@ bench-statements: toolchain infra
 # an ingress it starts itself; e.g. make bench-prepay ARGS="--prepays 1000 --concurrency 8" (paystream bench prepay --help).
 bench-prepay: toolchain infra
 	$(CARGO) build -q --release -p paystream
-	$(WITH_INFRA) PAYSTREAM__TELEMETRY__LOG_FILTER=warn target/release/paystream bench prepay $(ARGS)
+	$(WITH_INFRA) PAYSTREAM__TELEMETRY__LOG_FILTER=warn $(TARGET)/release/paystream bench prepay $(ARGS)
 
 # Callback ingest (verify, decrypt, publish, PubAck) beside RSA-2048 verification and JetStream publish+PubAck;
 # e.g. make bench-ingest ARGS="--callbacks 10000 --in-flight 64" (paystream bench ingest --help).
 bench-ingest: toolchain infra
 	$(CARGO) build -q --release -p paystream
-	$(WITH_INFRA) PAYSTREAM__TELEMETRY__LOG_FILTER=warn target/release/paystream bench ingest $(ARGS)
+	$(WITH_INFRA) PAYSTREAM__TELEMETRY__LOG_FILTER=warn $(TARGET)/release/paystream bench ingest $(ARGS)
 
 # The Dockerfile's build and runtime stages without a container engine (slow: a release build; needs root).
 image-rehearsal: toolchain

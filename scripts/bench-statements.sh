@@ -13,7 +13,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 log() { echo "[bench-statements] $*" >&2; }
 set -a; source .run/infra.env; set +a
-bin=${PAYSTREAM_BIN:-target/release/paystream}
+bin=${PAYSTREAM_BIN:-${CARGO_TARGET_DIR:-target}/release/paystream}
 pgdata=$(readlink -f .run/pg)/data
 [[ -f $pgdata/PG_VERSION ]] || { log "no private cluster at .run/pg (run scripts/infra.sh up)"; exit 1; }
 as_pg() { if [[ $(id -u) == 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi; }

@@ -9,7 +9,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 run="$root/.run"
-bin="${PAYSTREAM_BIN:-$root/target/debug/paystream}"
+bin="${PAYSTREAM_BIN:-${CARGO_TARGET_DIR:-$root/target}/debug/paystream}"
 cd "$root"
 
 scripts/infra.sh up >/dev/null

@@ -9,7 +9,7 @@ rules). Other files contribute monitors, rules, dashboards, the CloudNativePG cl
 and the NATS chart values.
 Every failure is printed as `FAIL <where>: <what>`; the exit status is 1 if there is any.
 
-The binary (`$PAYSTREAM_BIN`, default target/debug/paystream) names the roles (`paystream --help`) and judges each
+The binary (`$PAYSTREAM_BIN`, default target/debug/paystream, under $CARGO_TARGET_DIR when set) names the roles (`paystream --help`) and judges each
 overlay's paystream.toml together with each role's environment (`paystream config`); without it those two checks are
 skipped with a warning (the rest still runs). Needs PyYAML; Python >= 3.11 (tomllib).
 """
@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(os.environ.get("PAYSTREAM_BIN", ROOT / "target/debug/paystream"))
+BIN = Path(os.environ.get("PAYSTREAM_BIN", Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "debug/paystream"))
 CONFIG_PATH = "/etc/paystream/paystream.toml"
 ADMIN_PORT = 9090
 
